@@ -1,0 +1,564 @@
+"""Reading a Broden-format segmented image dataset (DESIGN.md §2).
+
+A dataset directory holds ``index.csv``, ``category.csv``, ``label.csv``, one ``c_<category>.csv``
+per category and an ``images/`` folder. Parsing collects every problem it finds as a
+:class:`Problem` (file, line, message); :class:`BrodenDataset` refuses to open a dataset with any,
+and :func:`dissect.data.check.check_dataset` lists them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from dissect.data.vocab import Vocabulary, primary_categories
+from dissect.errors import DatasetError, OptionError
+
+INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
+CATEGORY_FIELD = re.compile(r"^\s*([^();]+?)\s*\(\s*(\d+)\s*\)\s*$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a dataset: the file (relative to the dataset root), its line, and what."""
+
+    file: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}, line {self.line}" if self.line is not None else self.file
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class ImageEntry:
+    """One row of index.csv, resolved to file names and label numbers."""
+
+    image: str
+    split: str
+    line: int
+    image_size: tuple[int, int]
+    seg_size: tuple[int, int]
+    pixel_files: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    image_labels: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class ParsedDataset:
+    """Everything the csv files of a dataset say, for the selected categories and splits."""
+
+    root: Path
+    all_categories: tuple[str, ...]
+    categories: tuple[str, ...]
+    vocab: Vocabulary
+    known_labels: np.ndarray
+    entries: list[ImageEntry]
+    index_categories: tuple[str, ...]
+
+
+def is_inside(root: Path, relative: str) -> bool:
+    """True when ``relative`` is a relative path that stays inside ``root`` once resolved."""
+    if not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
+        return False
+    root = root.resolve()
+    target = (root / relative).resolve()
+    return target == root or root in target.parents
+
+
+def _read_csv(
+    path: Path, root: Path, required: Sequence[str], problems: list[Problem]
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]] | None:
+    """Rows of a csv file with their line numbers, or None (and a problem) when unusable."""
+    name = str(path.relative_to(root))
+    if not path.is_file():
+        problems.append(Problem(name, None, "file is missing"))
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = list(reader.fieldnames or [])
+            missing = [column for column in required if column not in header]
+            if missing:
+                problems.append(
+                    Problem(name, 1, f"header lacks column(s) {', '.join(missing)}; "
+                            f"expected {','.join(required)}")
+                )
+                return None
+            rows = []
+            for row in reader:
+                if None in row:
+                    problems.append(Problem(name, reader.line_num, "more cells than header columns"))
+                    continue
+                rows.append((reader.line_num, row))
+            return header, rows
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        problems.append(Problem(name, None, f"cannot be read as csv: {error}"))
+        return None
+
+
+def _parse_int(text: str | None, file: str, line: int, column: str,
+               problems: list[Problem], minimum: int = 0) -> int | None:
+    try:
+        value = int((text or "").strip())
+    except ValueError:
+        problems.append(Problem(file, line, f"column {column}: {text!r} is not an integer"))
+        return None
+    if value < minimum:
+        problems.append(Problem(file, line, f"column {column}: {value} is below {minimum}"))
+        return None
+    return value
+
+
+def _parse_float(text: str | None, file: str, line: int, column: str,
+                 problems: list[Problem]) -> float | None:
+    try:
+        return float((text or "").strip())
+    except ValueError:
+        problems.append(Problem(file, line, f"column {column}: {text!r} is not a number"))
+        return None
+
+
+def _parse_categories(root: Path, problems: list[Problem]) -> tuple[str, ...]:
+    table = _read_csv(root / "category.csv", root, ["name"], problems)
+    if table is None:
+        return ()
+    names: list[str] = []
+    for line, row in table[1]:
+        name = row["name"].strip()
+        if not name:
+            problems.append(Problem("category.csv", line, "empty category name"))
+        elif name in names:
+            problems.append(Problem("category.csv", line, f"category {name!r} listed twice"))
+        else:
+            names.append(name)
+    return tuple(names)
+
+
+def _parse_labels(
+    root: Path, all_categories: tuple[str, ...], problems: list[Problem]
+) -> tuple[dict[int, str], dict[int, tuple[str, ...]]]:
+    """label.csv: names by number and the categories named in each row's category field."""
+    table = _read_csv(root / "label.csv", root, ["number", "name", "category"], problems)
+    names: dict[int, str] = {}
+    field_categories: dict[int, tuple[str, ...]] = {}
+    if table is None:
+        return names, field_categories
+    for line, row in table[1]:
+        number = _parse_int(row["number"], "label.csv", line, "number", problems)
+        if number is None:
+            continue
+        if number in names:
+            problems.append(Problem("label.csv", line, f"label number {number} listed twice"))
+            continue
+        names[number] = row["name"]
+        cats: list[str] = []
+        text = (row["category"] or "").strip()
+        for part in text.split(";") if text else []:
+            match = CATEGORY_FIELD.match(part)
+            if match is None:
+                problems.append(Problem(
+                    "label.csv", line,
+                    f"category field {text!r} is malformed; expected cat(n) or cat1(n1);cat2(n2)"))
+                break
+            if match.group(1) not in all_categories:
+                problems.append(Problem(
+                    "label.csv", line,
+                    f"category {match.group(1)!r} is not in category.csv"))
+                continue
+            cats.append(match.group(1))
+        field_categories[number] = tuple(cats)
+    return names, field_categories
+
+
+def _parse_coverage(
+    root: Path, categories: tuple[str, ...], names: dict[int, str], problems: list[Problem]
+) -> dict[str, dict[int, float]]:
+    """c_<category>.csv: the coverage of each label in each category."""
+    coverage: dict[str, dict[int, float]] = {}
+    for category in categories:
+        file = f"c_{category}.csv"
+        table = _read_csv(root / file, root, ["code", "number", "coverage"], problems)
+        coverage[category] = {}
+        if table is None:
+            continue
+        for line, row in table[1]:
+            number = _parse_int(row["number"], file, line, "number", problems)
+            value = _parse_float(row["coverage"], file, line, "coverage", problems)
+            if number is None or value is None:
+                continue
+            if number not in names:
+                problems.append(Problem(file, line, f"label number {number} is not in label.csv"))
+                continue
+            coverage[category][number] = value
+    return coverage
+
+
+class _FileIndex:
+    """Which files exist under a folder, read one directory listing at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.listings: dict[str, set[str]] = {}
+
+    def exists(self, relative: str) -> bool:
+        folder, _, name = relative.replace("\\", "/").rpartition("/")
+        if folder not in self.listings:
+            try:
+                self.listings[folder] = {entry.name for entry in os.scandir(self.root / folder)
+                                         if entry.is_file()}
+            except OSError:
+                self.listings[folder] = set()
+        return name in self.listings[folder]
+
+
+def _parse_index(
+    root: Path,
+    all_categories: tuple[str, ...],
+    selected: tuple[str, ...],
+    splits: tuple[str, ...] | None,
+    known: np.ndarray,
+    problems: list[Problem],
+) -> tuple[list[ImageEntry], tuple[str, ...]]:
+    table = _read_csv(root / "index.csv", root, INDEX_COLUMNS, problems)
+    if table is None:
+        return [], ()
+    header, rows = table
+    index_categories = tuple(header[len(INDEX_COLUMNS):]) if header[:6] == list(INDEX_COLUMNS) \
+        else tuple(c for c in header if c not in INDEX_COLUMNS)
+    for column in index_categories:
+        if column not in all_categories:
+            problems.append(Problem("index.csv", 1,
+                                    f"category column {column!r} is not in category.csv"))
+    images_dir = root / "images"
+    files = _FileIndex(images_dir)
+    entries: list[ImageEntry] = []
+    for line, row in rows:
+        split = row["split"].strip()
+        if splits is not None and split not in splits:
+            continue
+        image = row["image"].strip()
+        sizes = [_parse_int(row[c], "index.csv", line, c, problems, minimum=1)
+                 for c in ("ih", "iw", "sh", "sw")]
+        ok = all(s is not None for s in sizes)
+        if not is_inside(images_dir, image):
+            problems.append(Problem("index.csv", line,
+                                    f"image path {image!r} escapes the dataset's images/ folder"))
+            ok = False
+        elif not files.exists(image):
+            problems.append(Problem("index.csv", line, f"image images/{image} is missing"))
+            ok = False
+        entry = ImageEntry(image, split, line,
+                           (sizes[0] or 0, sizes[1] or 0), (sizes[2] or 0, sizes[3] or 0))
+        for category in selected:
+            if category not in index_categories:
+                continue
+            pixel: list[str] = []
+            labels: list[int] = []
+            for part in (row[category] or "").split(";"):
+                part = part.strip()
+                if not part:
+                    continue
+                if part.isdigit():
+                    number = int(part)
+                    if number >= len(known) or not known[number]:
+                        problems.append(Problem(
+                            "index.csv", line,
+                            f"column {category}: label number {number} is not in label.csv"))
+                        ok = False
+                    else:
+                        labels.append(number)
+                elif not is_inside(images_dir, part):
+                    problems.append(Problem(
+                        "index.csv", line,
+                        f"column {category}: path {part!r} escapes the dataset's images/ folder"))
+                    ok = False
+                elif not files.exists(part):
+                    problems.append(Problem(
+                        "index.csv", line, f"column {category}: images/{part} is missing"))
+                    ok = False
+                else:
+                    pixel.append(part)
+            entry.pixel_files[category] = tuple(pixel)
+            entry.image_labels[category] = tuple(labels)
+        if ok:
+            entries.append(entry)
+    return entries, index_categories
+
+
+def parse_dataset(
+    root: str | os.PathLike[str],
+    categories: Iterable[str] | None = None,
+    splits: Iterable[str] | None = None,
+) -> tuple[ParsedDataset, list[Problem]]:
+    """Parse the csv files of a dataset, collecting every problem rather than stopping at one.
+
+    Parameters
+    ----------
+    root:
+        The dataset directory.
+    categories:
+        Categories to use (default: all of category.csv). Unknown names raise :class:`OptionError`.
+    splits:
+        Splits to keep (default: all).
+    """
+    root = Path(root)
+    problems: list[Problem] = []
+    if not root.is_dir():
+        raise DatasetError(f"dataset directory {root} does not exist")
+    all_categories = _parse_categories(root, problems)
+    if categories is None:
+        selected = all_categories
+    else:
+        wanted = list(categories)
+        unknown = [c for c in wanted if c not in all_categories]
+        if unknown and all_categories:
+            raise OptionError(
+                f"--categories: unknown category {unknown[0]!r} in {root}; "
+                f"categories: {', '.join(all_categories)}")
+        selected = tuple(c for c in all_categories if c in wanted)
+    names, field_categories = _parse_labels(root, all_categories, problems)
+    coverage = _parse_coverage(root, all_categories, names, problems)
+    num_labels = max(names, default=0) + 1
+    known = np.zeros(num_labels, dtype=bool)
+    label_names = ["-"] * num_labels
+    for number, name in names.items():
+        label_names[number] = name
+        known[number] = number > 0
+    memberships = [tuple(c for c in all_categories if n in coverage.get(c, {}))
+                   for n in range(num_labels)]
+    primary = primary_categories(selected, coverage, num_labels)
+    vocab = Vocabulary(selected, label_names, primary, memberships)
+    split_tuple = tuple(splits) if splits is not None else None
+    entries, index_categories = _parse_index(root, all_categories, selected, split_tuple, known,
+                                             problems)
+    if split_tuple is not None and not problems:
+        present = _present_splits(root)
+        for split in split_tuple:
+            if split not in present:
+                raise OptionError(f"split {split!r} is not in {root / 'index.csv'}; "
+                                  f"splits: {', '.join(sorted(present))}")
+    parsed = ParsedDataset(root, all_categories, selected, vocab, known, entries, index_categories)
+    return parsed, problems
+
+
+def _present_splits(root: Path) -> set[str]:
+    with open(root / "index.csv", newline="", encoding="utf-8") as handle:
+        return {row["split"].strip() for row in csv.DictReader(handle)}
+
+
+def decode_segmentation(path: str | os.PathLike[str]) -> np.ndarray:
+    """Label numbers of a segmentation PNG: R + 256 * G as int32 (sh, sw).
+
+    Single-channel PNGs (mode L or I) hold the label number directly.
+    """
+    with Image.open(path) as image:
+        if image.mode in ("L", "I", "I;16"):
+            return np.asarray(image).astype(np.int32)
+        if image.mode not in ("RGB", "RGBA"):
+            image = image.convert("RGB")
+        pixels = np.asarray(image)
+    return pixels[..., 0].astype(np.int32) + pixels[..., 1].astype(np.int32) * 256
+
+
+class BrodenDataset:
+    """A Broden-format dataset, validated when opened.
+
+    Parameters
+    ----------
+    root:
+        The dataset directory (DESIGN.md §2).
+    categories:
+        Categories to use, default all; their order is always category.csv's. Primary
+        categories are decided among the selected categories.
+    splits:
+        Splits to keep (values of index.csv's ``split`` column), default all.
+
+    Raises
+    ------
+    DatasetError
+        When any csv row is malformed, a referenced file is missing, a label number is unknown or
+        a path escapes the dataset root; the message names the file and line of the first problem.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        categories: Iterable[str] | None = None,
+        splits: Iterable[str] | None = None,
+    ) -> None:
+        parsed, problems = parse_dataset(root, categories, splits)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems; run `dissect dataset check " \
+                   f"{parsed.root}`)" if len(problems) > 1 else ""
+            raise DatasetError(f"{parsed.root}: {problems[0]}{more}")
+        self._adopt(parsed, tuple(splits) if splits is not None else None)
+
+    def _adopt(self, parsed: ParsedDataset, splits: tuple[str, ...] | None) -> None:
+        self.root = parsed.root
+        self.vocab = parsed.vocab
+        self.categories = parsed.categories
+        self.selected_splits = splits
+        self._entries = parsed.entries
+        self._known = parsed.known_labels
+
+    @classmethod
+    def from_parsed(cls, parsed: ParsedDataset) -> "BrodenDataset":
+        """A dataset over the rows that parsed cleanly, without raising (for the checker)."""
+        dataset = cls.__new__(cls)
+        dataset._adopt(parsed, None)
+        return dataset
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"BrodenDataset({str(self.root)!r}, {len(self)} images, categories={self.categories})"
+
+    @property
+    def image_names(self) -> list[str]:
+        """The ``image`` column of every selected image (relative to images/)."""
+        return [entry.image for entry in self._entries]
+
+    @property
+    def splits(self) -> np.ndarray:
+        """(N,) str: the split of every selected image."""
+        return np.array([entry.split for entry in self._entries], dtype=str)
+
+    def subset(self, split: str) -> np.ndarray:
+        """int64 indices of the selected images whose split is ``split`` (OptionError if none)."""
+        indices = np.flatnonzero(self.splits == split).astype(np.int64)
+        if len(indices) == 0:
+            present = sorted(set(self.splits.tolist()))
+            raise OptionError(f"split {split!r} has no images in {self.root}; "
+                              f"splits: {', '.join(present)}")
+        return indices
+
+    def _uniform(self, attribute: str, columns: str) -> tuple[int, int]:
+        sizes = {getattr(entry, attribute) for entry in self._entries}
+        if len(sizes) != 1:
+            example = sorted(sizes)[:3]
+            raise DatasetError(
+                f"{self.root / 'index.csv'}: columns {columns} differ between images "
+                f"({example}); dissect needs one size for the whole selection")
+        return sizes.pop()
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(ih, iw), the same for every selected image (DatasetError otherwise)."""
+        return self._uniform("image_size", "ih,iw")
+
+    @property
+    def seg_size(self) -> tuple[int, int]:
+        """(sh, sw), the same for every selected image (DatasetError otherwise)."""
+        return self._uniform("seg_size", "sh,sw")
+
+    def fingerprint(self) -> str:
+        """sha256 over the dataset's csv files and the category and split selection."""
+        digest = hashlib.sha256()
+        for name in sorted(p.name for p in self.root.glob("*.csv")):
+            digest.update(name.encode())
+            digest.update((self.root / name).read_bytes())
+        digest.update(repr((self.categories, self.selected_splits)).encode())
+        return digest.hexdigest()
+
+    def _where(self, index: int) -> str:
+        return f"{self.root / 'index.csv'}, line {self._entries[index].line}"
+
+    def load_image(self, index: int) -> np.ndarray:
+        """uint8 (ih, iw, 3) RGB pixels of image ``index``."""
+        entry = self._entries[index]
+        path = self.root / "images" / entry.image
+        try:
+            with Image.open(path) as image:
+                pixels = np.array(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"{path} ({self._where(index)}) cannot be read: {error}") from None
+        if pixels.shape[:2] != entry.image_size:
+            raise DatasetError(
+                f"{path} ({self._where(index)}) is {pixels.shape[0]}x{pixels.shape[1]}; "
+                f"index.csv says ih,iw = {entry.image_size[0]},{entry.image_size[1]}")
+        return pixels
+
+    def load_segmentation(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel label layers and image-level labels of image ``index``.
+
+        Returns
+        -------
+        seg:
+            int32 (Lyr, sh, sw): one layer per segmentation PNG of every selected category
+            (0 = no label); Lyr may be 0.
+        image_labels:
+            int32 (K,): the image-level label numbers of every selected category.
+        """
+        entry = self._entries[index]
+        layers = []
+        for category in self.categories:
+            for name in entry.pixel_files.get(category, ()):
+                layers.append(self._decode_layer(index, name))
+        sh, sw = entry.seg_size
+        seg = np.stack(layers) if layers else np.zeros((0, sh, sw), dtype=np.int32)
+        labels = [n for c in self.categories for n in entry.image_labels.get(c, ())]
+        return seg, np.array(labels, dtype=np.int32)
+
+    def _decode_layer(self, index: int, name: str) -> np.ndarray:
+        entry = self._entries[index]
+        path = self.root / "images" / name
+        try:
+            layer = decode_segmentation(path)
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"{path} ({self._where(index)}) cannot be read: {error}") from None
+        if layer.shape != entry.seg_size:
+            raise DatasetError(
+                f"{path} ({self._where(index)}) is {layer.shape[0]}x{layer.shape[1]}; "
+                f"index.csv says sh,sw = {entry.seg_size[0]},{entry.seg_size[1]}")
+        top = int(layer.max()) if layer.size else 0
+        if top >= len(self._known) or not self._known[np.unique(layer[layer > 0])].all():
+            bad = sorted(set(np.unique(layer).tolist()) - set(np.flatnonzero(self._known).tolist())
+                         - {0})
+            raise DatasetError(
+                f"{path} ({self._where(index)}) holds label number {bad[0]}, "
+                f"which is not in label.csv")
+        return layer
+
+    def load_segmentations(self, indices: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Zero-padded segmentations of several images.
+
+        Returns
+        -------
+        seg:
+            int32 (n, Lmax, sh, sw), Lmax >= 1, zero-padded layers.
+        image_labels:
+            int32 (n, Kmax), Kmax >= 1, zero-padded image-level labels.
+        """
+        items = [self.load_segmentation(int(i)) for i in indices]
+        if not items:
+            sh, sw = self.seg_size
+            return np.zeros((0, 1, sh, sw), np.int32), np.zeros((0, 1), np.int32)
+        n_layers = max(1, max(seg.shape[0] for seg, _ in items))
+        n_labels = max(1, max(len(labels) for _, labels in items))
+        seg_out = np.zeros((len(items), n_layers, *items[0][0].shape[1:]), dtype=np.int32)
+        labels_out = np.zeros((len(items), n_labels), dtype=np.int32)
+        for row, (seg, labels) in enumerate(items):
+            if seg.shape[1:] != seg_out.shape[2:]:
+                raise DatasetError(f"{self.root / 'index.csv'}: segmentation sizes differ "
+                                   f"between images ({seg.shape[1:]} vs {seg_out.shape[2:]})")
+            seg_out[row, : seg.shape[0]] = seg
+            labels_out[row, : len(labels)] = labels
+        return seg_out, labels_out
+
+    def image_level_labels(self, category: str) -> list[np.ndarray]:
+        """Per selected image, int32 array of its image-level labels in ``category``."""
+        if category not in self.categories:
+            raise OptionError(f"unknown category {category!r}; categories of {self.root}: "
+                              f"{', '.join(self.categories)}")
+        return [np.array(entry.image_labels.get(category, ()), dtype=np.int32)
+                for entry in self._entries]

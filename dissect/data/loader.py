@@ -1,0 +1,103 @@
+"""Streaming images of a dataset through a torch DataLoader (decoding happens in workers)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dissect.data.broden import BrodenDataset
+from dissect.errors import OptionError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NETDISSECT_MEAN = (0.48898, 0.46545, 0.42956)
+NETDISSECT_STD = (0.224, 0.224, 0.224)
+
+
+def check_normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...],
+                                                                              tuple[float, ...]]:
+    """Validate ``mean`` and ``std``: three numbers each on the 0..1 scale, std positive."""
+    mean_t = tuple(float(v) for v in mean)
+    std_t = tuple(float(v) for v in std)
+    if len(mean_t) != 3:
+        raise OptionError(f"--mean: expected three values r,g,b on the 0..1 scale, got {mean_t}")
+    if len(std_t) != 3 or min(std_t) <= 0:
+        raise OptionError(f"--std: expected three positive values r,g,b, got {std_t}")
+    return mean_t, std_t
+
+
+def check_resize(resize: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """None, or (H, W) from an int or a pair of positive ints."""
+    if resize is None:
+        return None
+    size = (int(resize), int(resize)) if isinstance(resize, (int, np.integer)) else tuple(
+        int(v) for v in resize)
+    if len(size) != 2 or min(size) <= 0:
+        raise OptionError(f"--resize: expected a positive size or H,W, got {resize!r}")
+    return size  # type: ignore[return-value]
+
+
+def image_tensor(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                 resize: tuple[int, int] | None = None) -> torch.Tensor:
+    """Normalised float32 (3, H, W) tensor from uint8 (h, w, 3) RGB pixels.
+
+    ``(pixels / 255 - mean) / std``, after a bilinear antialiased resize to ``resize`` = (H, W).
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255)
+    if resize is not None and tuple(tensor.shape[1:]) != tuple(resize):
+        tensor = F.interpolate(tensor[None], size=resize, mode="bilinear", align_corners=False,
+                               antialias=True)[0]
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (tensor - mean_t) / std_t
+
+
+class ImageTensors(torch.utils.data.Dataset):
+    """Torch view of a :class:`BrodenDataset`: item i is (image (3, H, W) float32, index int)."""
+
+    def __init__(self, dataset: BrodenDataset, mean: Sequence[float], std: Sequence[float],
+                 resize: tuple[int, int] | None = None,
+                 indices: Sequence[int] | np.ndarray | None = None) -> None:
+        self.dataset = dataset
+        self.mean, self.std = check_normalisation(mean, std)
+        self.resize = check_resize(resize)
+        self.indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        index = int(self.indices[item])
+        return image_tensor(self.dataset.load_image(index), self.mean, self.std,
+                            self.resize), index
+
+
+def default_workers() -> int:
+    """Decoding workers: one fewer than the cores (at most 4), so the model keeps a core."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(dataset: BrodenDataset, *, mean: Sequence[float], std: Sequence[float],
+                resize: int | Sequence[int] | None = None, batch_size: int = 32,
+                num_workers: int | None = None, pin_memory: bool = False,
+                indices: Sequence[int] | np.ndarray | None = None
+                ) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` in index order.
+
+    Yields ``(images, index)``: images float32 (B, 3, H, W) normalised as in
+    :func:`image_tensor`, index int64 (B,) positions in ``dataset``. Images are decoded in
+    ``num_workers`` worker processes (default :func:`default_workers`).
+    """
+    if batch_size < 1:
+        raise OptionError(f"--batch-size: expected a positive integer, got {batch_size}")
+    if dataset and resize is None:
+        dataset.image_size  # noqa: B018 -- raises DatasetError when sizes differ
+    workers = default_workers() if num_workers is None else int(num_workers)
+    return torch.utils.data.DataLoader(
+        ImageTensors(dataset, mean, std, check_resize(resize), indices),
+        batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)

@@ -1,0 +1,237 @@
+"""The Broden dataset layer: exact decoding of a hand-written dataset and clear errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_label_png
+from PIL import Image
+
+from dissect.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BrodenDataset,
+    check_dataset,
+    decode_segmentation,
+    make_loader,
+)
+from dissect.errors import DatasetError, OptionError
+
+
+def test_tiny_broden_decodes_to_the_values_written(broden_tiny):
+    ds = BrodenDataset(broden_tiny.root)
+    assert len(ds) == 3
+    assert ds.categories == ("color", "object", "part", "scene")
+    assert ds.image_size == (8, 8) and ds.seg_size == (4, 4)
+    for i in range(3):
+        seg, labels = ds.load_segmentation(i)
+        np.testing.assert_array_equal(seg, broden_tiny.seg[i])
+        assert seg.dtype == np.int32
+        assert labels.tolist() == broden_tiny.image_labels[i]
+        np.testing.assert_array_equal(ds.load_image(i), broden_tiny.images[i])
+
+
+def test_label_above_255_survives_decoding(broden_tiny):
+    seg, _ = BrodenDataset(broden_tiny.root).load_segmentation(2)
+    assert (seg == 300).sum() == 4 + 1
+
+
+def test_vocabulary_numbers_names_and_primary_categories(broden_tiny):
+    vocab = BrodenDataset(broden_tiny.root).vocab
+    assert vocab.num_labels == 301
+    assert vocab.name(300) == "wheel" and vocab.number("wheel") == 300
+    assert vocab.names[150] == "-"
+    # wheel: coverage 0.2 in object, 0.05 in part -> object
+    assert vocab.category_of(300) == "object"
+    assert vocab.concept(4).category == "part"
+    assert vocab.primary[0] == -1
+    assert vocab.labels_in("object").tolist() == [3, 300]
+    assert vocab.labels_in("scene").tolist() == [6, 7]
+    assert set(vocab.memberships[300]) == {"object", "part"}
+    with pytest.raises(OptionError, match="wheel"):
+        vocab.number("wheels")
+
+
+def test_primary_category_ties_go_to_the_later_category(broden_tiny):
+    root = broden_tiny.root
+    text = (root / "c_part.csv").read_text().replace("3,300,wheel,1,0.05", "3,300,wheel,1,0.2")
+    (root / "c_part.csv").write_text(text)
+    assert BrodenDataset(root).vocab.category_of(300) == "part"
+
+
+def test_category_selection_restricts_layers_and_primary(broden_tiny):
+    ds = BrodenDataset(broden_tiny.root, categories=["part", "scene"])
+    assert ds.categories == ("part", "scene")
+    seg, labels = ds.load_segmentation(0)
+    np.testing.assert_array_equal(seg, broden_tiny.seg[0][2:])
+    assert labels.tolist() == [6]
+    # among the selected categories, wheel belongs only to part
+    assert ds.vocab.category_of(300) == "part"
+    assert ds.vocab.category_of(3) is None
+    with pytest.raises(OptionError, match="--categories.*'texture'"):
+        BrodenDataset(broden_tiny.root, categories=["texture"])
+
+
+def test_splits_and_subsets(broden_tiny):
+    ds = BrodenDataset(broden_tiny.root)
+    assert ds.splits.tolist() == ["train", "train", "val"]
+    assert ds.subset("val").tolist() == [2]
+    val = BrodenDataset(broden_tiny.root, splits=["val"])
+    assert len(val) == 1 and val.image_names == ["img2.png"]
+    with pytest.raises(OptionError, match="'test'"):
+        BrodenDataset(broden_tiny.root, splits=["test"])
+    with pytest.raises(OptionError, match="'test'.*train, val"):
+        ds.subset("test")
+
+
+def test_load_segmentations_pads_layers_and_labels(broden_tiny):
+    ds = BrodenDataset(broden_tiny.root)
+    seg, labels = ds.load_segmentations([1, 0, 2])
+    assert seg.shape == (3, 4, 4, 4) and labels.shape == (3, 1)
+    np.testing.assert_array_equal(seg[0, :1], broden_tiny.seg[1])
+    assert not seg[0, 1:].any()
+    np.testing.assert_array_equal(seg[1], broden_tiny.seg[0])
+    np.testing.assert_array_equal(seg[2, :2], broden_tiny.seg[2])
+    assert labels[:, 0].tolist() == [7, 6, 6]
+
+
+def test_image_level_labels_per_category(broden_tiny):
+    ds = BrodenDataset(broden_tiny.root)
+    assert [a.tolist() for a in ds.image_level_labels("scene")] == [[6], [7], [6]]
+    assert [a.tolist() for a in ds.image_level_labels("color")] == [[], [], []]
+
+
+def test_dataset_pickles_and_fingerprint_tracks_selection(broden_tiny):
+    ds = BrodenDataset(broden_tiny.root)
+    copy = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(copy.load_segmentation(0)[0], broden_tiny.seg[0])
+    assert copy.fingerprint() == ds.fingerprint()
+    assert BrodenDataset(broden_tiny.root, categories=["part"]).fingerprint() != ds.fingerprint()
+
+
+def test_decode_segmentation_does_not_overflow(tmp_path):
+    labels = np.array([[0, 255, 256, 1197], [65535, 1, 2, 3]])
+    write_label_png(tmp_path / "s.png", labels)
+    np.testing.assert_array_equal(decode_segmentation(tmp_path / "s.png"), labels)
+
+
+def test_loader_normalises_and_keeps_index_order(broden_tiny):
+    ds = BrodenDataset(broden_tiny.root)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    batches = list(make_loader(ds, mean=mean, std=std, batch_size=2, num_workers=1))
+    images = torch.cat([b[0] for b in batches])
+    index = torch.cat([b[1] for b in batches])
+    assert index.tolist() == [0, 1, 2]
+    expected = (torch.tensor(np.stack(broden_tiny.images)).permute(0, 3, 1, 2).float() / 255
+                - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+    resized = next(iter(make_loader(ds, mean=mean, std=std, resize=4, num_workers=0)))[0]
+    assert resized.shape == (3, 3, 4, 4)
+    with pytest.raises(OptionError, match="--std"):
+        make_loader(ds, mean=mean, std=(1.0, 0.0, 1.0))
+
+
+def test_clean_dataset_has_no_problems(broden_tiny):
+    assert check_dataset(broden_tiny.root) == []
+
+
+def _replace(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+# Each case corrupts the dataset one way; `check` must list the problem with its file and line,
+# and opening (or, for file contents, loading) must raise a DatasetError naming both.
+def corrupt_missing_image(root):
+    (root / "images" / "img1.png").unlink()
+    return "index.csv", 3, "images/img1.png is missing"
+
+
+def corrupt_missing_png(root):
+    (root / "images" / "seg" / "a2_part.png").unlink()
+    return "index.csv", 4, "images/seg/a2_part.png is missing"
+
+
+def corrupt_unknown_image_label(root):
+    _replace(root / "index.csv", "seg/a1_color.png,,,7", "seg/a1_color.png,,,9")
+    return "index.csv", 3, "label number 9 is not in label.csv"
+
+
+def corrupt_unknown_category_column(root):
+    _replace(root / "index.csv", "part,scene", "part,place")
+    return "index.csv", 1, "category column 'place' is not in category.csv"
+
+
+def corrupt_malformed_label_category(root):
+    _replace(root / "label.csv", "object(2);part(3)", "object(2;part3")
+    return "label.csv", 10, "malformed"
+
+
+def corrupt_escaping_image_path(root):
+    _replace(root / "index.csv", "img2.png,val", "../../etc/passwd,val")
+    return "index.csv", 4, "escapes the dataset's images/ folder"
+
+
+def corrupt_escaping_png_path(root):
+    _replace(root / "index.csv", "seg/a2_part.png", "/etc/hosts")
+    return "index.csv", 4, "escapes the dataset's images/ folder"
+
+
+@pytest.mark.parametrize("corrupt", [
+    corrupt_missing_image, corrupt_missing_png, corrupt_unknown_image_label,
+    corrupt_unknown_category_column, corrupt_malformed_label_category,
+    corrupt_escaping_image_path, corrupt_escaping_png_path])
+def test_csv_level_problems_are_listed_and_refused(broden_tiny, corrupt):
+    file, line, text = corrupt(broden_tiny.root)
+    problems = check_dataset(broden_tiny.root)
+    assert any(p.file == file and p.line == line and text in p.message for p in problems), problems
+    with pytest.raises(DatasetError) as error:
+        BrodenDataset(broden_tiny.root)
+    assert f"{file}, line {line}" in str(error.value) and text in str(error.value)
+
+
+def corrupt_unreadable_image(root):
+    (root / "images" / "img1.png").write_bytes(b"not a png")
+    return 1, "load_image", "img1.png", "cannot be read"
+
+
+def corrupt_image_size(root):
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(root / "images" / "img0.png")
+    return 0, "load_image", "img0.png", "is 6x8; index.csv says ih,iw = 8,8"
+
+
+def corrupt_seg_size(root):
+    write_label_png(root / "images" / "seg" / "a1_color.png", np.ones((4, 5), int))
+    return 1, "load_segmentation", "a1_color.png", "is 4x5; index.csv says sh,sw = 4,4"
+
+
+def corrupt_unknown_pixel_label(root):
+    write_label_png(root / "images" / "seg" / "a2_part.png", np.full((4, 4), 299))
+    return 2, "load_segmentation", "a2_part.png", "label number 299, which is not in label.csv"
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_unreadable_image, corrupt_image_size,
+                                     corrupt_seg_size, corrupt_unknown_pixel_label])
+def test_file_content_problems_are_listed_and_raised_on_load(broden_tiny, corrupt):
+    index, method, file, text = corrupt(broden_tiny.root)
+    line = index + 2
+    problems = check_dataset(broden_tiny.root)
+    assert any(p.line == line and file in p.message and text in p.message for p in problems), \
+        problems
+    ds = BrodenDataset(broden_tiny.root)
+    with pytest.raises(DatasetError) as error:
+        getattr(ds, method)(index)
+    assert file in str(error.value) and f"line {line}" in str(error.value)
+    assert text in str(error.value)
+
+
+def test_missing_csv_and_missing_directory(broden_tiny, tmp_path):
+    (broden_tiny.root / "c_scene.csv").unlink()
+    problems = check_dataset(broden_tiny.root)
+    assert [str(p) for p in problems] == ["c_scene.csv: file is missing"]
+    with pytest.raises(DatasetError, match="does not exist"):
+        BrodenDataset(tmp_path / "nowhere")
