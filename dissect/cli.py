@@ -1,0 +1,338 @@
+"""The `dissect` command line: a thin layer over the API (DESIGN.md §9).
+
+A usage error or bad input exits with status 2 and one message; an internal failure exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from dissect.errors import DissectError, OptionError
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+
+
+
+def float_triple(text: str) -> tuple[float, float, float]:
+    """Parse ``r,g,b`` (three numbers) for --mean / --std."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers r,g,b, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers r,g,b, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def int_list(text: str) -> list[int]:
+    """Parse ``1,2,4`` for --n."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4, got {text!r}")
+    return values
+
+
+def size_pair(text: str) -> tuple[int, int]:
+    """Parse ``S`` or ``H,W`` for --resize / --input-size."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected S or H,W, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected S or H,W with positive sizes, got {text!r}")
+    return values[0], values[1]
+
+
+def _model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required,
+                        help="torchvision architecture name, package.module:callable, "
+                             "or a TorchScript file")
+    parser.add_argument("--weights", help="state_dict checkpoint (loaded with weights_only)")
+    parser.add_argument("--num-classes", type=int, help="output classes of a torchvision model")
+
+
+def _record_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", nargs="+", required=True,
+                        help="dotted module names, wildcards allowed (see `dissect layers`)")
+    parser.add_argument("--dataset", required=True, help="Broden-format dataset directory")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--mean", type=float_triple, help="r,g,b on the 0..1 scale "
+                        "(default ImageNet's)")
+    parser.add_argument("--std", type=float_triple, help="r,g,b (default ImageNet's)")
+    parser.add_argument("--resize", type=size_pair, help="resize images to S or H,W")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--logits", action="store_true", help="also store model outputs")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild caches made with another configuration")
+
+
+def _tally_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    d = (lambda value: value) if defaults else (lambda value: None)
+    parser.add_argument("--quantile", type=float, default=d(0.005),
+                        help="top quantile of activations that defines a unit's mask")
+    parser.add_argument("--thresholds", help=".npy file of shape (U,) with thresholds to use")
+    parser.add_argument("--union", choices=("touched", "annotated", "all"), default=d("touched"))
+    parser.add_argument("--categories", nargs="+", help="categories to use (default all)")
+    parser.add_argument("--iou-threshold", type=float, default=d(0.04),
+                        help="IoU at which a unit counts as a detector")
+    parser.add_argument("--scheduler", default=d("threads"),
+                        help="threads, processes, synchronous, or tcp://host:port")
+
+
+def _ablation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", help="image-level category (e.g. scene), a CSV of "
+                        "image,class, or 'predicted'")
+    parser.add_argument("--n", type=int_list, help="unit-set sizes, e.g. 1,2,4,8")
+    parser.add_argument("--concept", help="concept name for --study concept")
+    parser.add_argument("--repeats", type=int, default=5, help="random sets per size")
+    parser.add_argument("--rank-split", default="train")
+    parser.add_argument("--eval-split", default="val")
+    parser.add_argument("--rule", choices=("zero", "mean"), default="zero")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random unit sets")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="dissect", description="What the units of a vision model detect, and what they do.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dataset = sub.add_parser("dataset", help="make or check a Broden-format dataset")
+    dsub = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    toy = dsub.add_parser("toy", help="generate the toy dataset")
+    toy.add_argument("--out", required=True)
+    toy.add_argument("--n-images", type=int, default=600)
+    toy.add_argument("--size", type=int, default=112)
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--train-model", action="store_true",
+                     help="also train the toy model (state_dict saved beside the dataset)")
+    check = dsub.add_parser("check", help="list every problem of a dataset")
+    check.add_argument("path")
+
+    layers = sub.add_parser("layers", help="list a model's layers with output shapes")
+    layers.add_argument("model")
+    layers.add_argument("--weights")
+    layers.add_argument("--num-classes", type=int)
+    layers.add_argument("--input-size", type=size_pair, default=(224, 224))
+
+    record = sub.add_parser("record", help="record layer activations into the cache")
+    _model_options(record)
+    _record_options(record)
+
+    tally = sub.add_parser("tally", help="thresholds and unit/concept IoU of recorded layers")
+    tally.add_argument("--run", required=True, help="run directory")
+    tally.add_argument("--dataset", help="dataset (default: the run's)")
+    tally.add_argument("--layers", nargs="+", help="layers (default: all recorded)")
+    tally.add_argument("--force", action="store_true", help="recompute even when up to date")
+    _tally_options(tally, defaults=False)
+
+    ablate = sub.add_parser("ablate", help="per-class effects of removing units")
+    ablate.add_argument("--run", required=True)
+    ablate.add_argument("--dataset", help="dataset (default: the run's)")
+    ablate.add_argument("--layer", required=True)
+    ablate.add_argument("--study", required=True, choices=("single", "topn", "concept", "random"))
+    ablate.add_argument("--scheduler", default="threads")
+    _ablation_options(ablate)
+
+    report = sub.add_parser("report", help="render the HTML report of a run")
+    report.add_argument("run_dir")
+
+    run = sub.add_parser("run", help="record, tally, optional ablate, and report in one go")
+    _model_options(run)
+    _record_options(run)
+    _tally_options(run, defaults=True)
+    _ablation_options(run)
+    run.add_argument("--ablate", action="store_true", help="also run ablation studies")
+    run.add_argument("--config", help="JSON file of RunConfig fields (command line wins)")
+
+    demo = sub.add_parser("demo", help="the whole job on the toy dataset and toy model")
+    demo.add_argument("--out", default="reports/demo")
+    demo.add_argument("--datasets", default="datasets",
+                      help="where the toy dataset and model are made (when missing)")
+    return parser
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The options among ``names`` that were given on the command line (not None)."""
+    values = {}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    from dissect.run import RunConfig
+
+    fields: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        try:
+            fields.update(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise OptionError(f"--config: cannot read {args.config}: {error}") from None
+    fields.update(_given(args, ("model", "weights", "num_classes", "layers", "dataset", "mean",
+                                "std", "resize", "device", "dtype", "quantile", "thresholds",
+                                "union", "categories", "iou_threshold", "scheduler", "classes",
+                                "rule", "repeats", "rank_split", "eval_split")))
+    for flag in ("logits", "ablate"):
+        if getattr(args, flag, False):
+            fields[flag] = True
+    if getattr(args, "batch_size", None) is not None:
+        fields["batch_size"] = args.batch_size
+    fields["out"] = str(Path(args.out).resolve())
+    for key in ("dataset", "weights", "thresholds"):
+        if fields.get(key):
+            fields[key] = str(Path(fields[key]).resolve())
+    missing = [k for k in ("model", "layers", "dataset") if not fields.get(k)]
+    if missing:
+        raise OptionError(f"missing option(s): {', '.join('--' + m for m in missing)}")
+    return RunConfig.from_json({k: list(v) if isinstance(v, tuple) else v
+                                for k, v in fields.items()})
+
+
+def _update_run_config(run_dir: str, args: argparse.Namespace, names: Sequence[str]) -> Any:
+    """The run's saved config with the options given on the command line applied (and saved)."""
+    from dissect.run import read_config, write_run_json
+
+    config = read_config(run_dir)
+    changes = _given(args, names)
+    for key in ("dataset", "thresholds"):
+        if changes.get(key):
+            changes[key] = str(Path(changes[key]).resolve())
+    if changes:
+        config = dataclasses.replace(config, **changes)
+        write_run_json(config)
+    return config
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    if args.dataset_command == "toy":
+        from dissect.toy import generate_toy_dataset, train_toy_model
+
+        path = generate_toy_dataset(args.out, n_images=args.n_images, size=args.size,
+                                    seed=args.seed)
+        print(f"toy dataset: {path}")
+        if args.train_model:
+            print(f"toy model: {train_toy_model(path, seed=args.seed)}")
+        return 0
+    from dissect.data import check_dataset
+
+    problems = check_dataset(args.path)
+    for problem in problems:
+        print(f"{Path(args.path) / problem.file}"
+              f"{'' if problem.line is None else f', line {problem.line}'}: {problem.message}")
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.path}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.path}: no problems")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from dissect.record import format_layers, list_layers, load_model
+
+    model = load_model(args.model, args.weights, args.num_classes)
+    print(format_layers(list_layers(model, (3, *args.input_size))))
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from dissect.run import record_stage
+
+    config = _config_from_args(args)
+    paths = record_stage(config, force=args.force)
+    for layer, path in paths.items():
+        print(f"{layer}: {path}")
+    return 0
+
+
+def cmd_tally(args: argparse.Namespace) -> int:
+    from dissect.run import tally_stage
+
+    config = _update_run_config(args.run, args, ("dataset", "quantile", "thresholds", "union",
+                                                 "categories", "iou_threshold", "scheduler"))
+    results = tally_stage(config, args.layers, force=args.force)
+    for layer, result in results.items():
+        detectors = int((result.unit_iou >= result.iou_threshold).sum())
+        print(f"{layer}: {detectors}/{len(result.unit_iou)} units detect a concept "
+              f"(IoU >= {result.iou_threshold}); {Path(args.run) / layer / 'tally.csv'}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from dissect.ablation import run_ablation
+
+    config = _update_run_config(args.run, args, ("dataset",))
+    options = _given(args, ("classes", "n", "concept", "repeats", "rank_split", "eval_split",
+                            "rule", "seed", "scheduler"))
+    if "n" in options:
+        options["n"] = list(options["n"])
+    result = run_ablation(config.run_dir, args.layer, args.study, **options)
+    print(f"{args.layer}: {args.study} study written to {result.csv_path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dissect.run import report_stage
+
+    print(f"report: {report_stage(args.run_dir)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dissect.run import run_pipeline
+
+    config = _config_from_args(args)
+    print(f"report: {run_pipeline(config, force=args.force)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dissect.demo import run_demo
+
+    index = run_demo(args.out, datasets_dir=args.datasets)
+    print(f"report: {index}")
+    return 0
+
+
+COMMANDS = {"dataset": cmd_dataset, "layers": cmd_layers, "record": cmd_record,
+            "tally": cmd_tally, "ablate": cmd_ablate, "report": cmd_report, "run": cmd_run,
+            "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `dissect` and `python -m dissect`; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DissectError as error:
+        print(f"dissect: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dissect: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 -- report internal failures with their traceback
+        traceback.print_exc()
+        print("dissect: internal error (please report it with the traceback above)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""A run: its resolved configuration, ``run.json``, and the whole pipeline in one call.
+
+``run_dir/run.json`` records the resolved config, package versions, the device and each stage's
+wall time and peak memory (DESIGN.md §4). Later commands (`tally`, `ablate`, `report`) read the
+model, weights, preprocessing and dataset from it, so they need not be repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from dissect.data import IMAGENET_MEAN, IMAGENET_STD, BrodenDataset, check_normalisation
+from dissect.errors import CacheError, OptionError
+
+RUN_SCHEMA_VERSION = 1
+UNION_RULES = ("touched", "annotated", "all")
+DTYPES = ("float16", "float32")
+ABLATION_STUDIES = ("single", "topn", "concept", "random")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, resolved. Saved as ``run.json["config"]``.
+
+    Paths are stored absolute. ``layers`` are dotted module names (patterns are resolved before
+    recording). Tally options follow DESIGN.md §3; ablation options §6.
+    """
+
+    model: str
+    layers: tuple[str, ...]
+    dataset: str
+    out: str
+    weights: str | None = None
+    num_classes: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: tuple[int, int] | None = None
+    batch_size: int = 32
+    device: str | None = None
+    dtype: str = "float16"
+    logits: bool = False
+    quantile: float = 0.005
+    thresholds: str | None = None
+    union: str = "touched"
+    categories: tuple[str, ...] | None = None
+    iou_threshold: float = 0.04
+    scheduler: str = "threads"
+    ablate: bool = False
+    classes: str | None = None
+    ablation_studies: tuple[str, ...] = ("single", "topn", "random")
+    ablation_layers: tuple[str, ...] | None = None
+    rule: str = "zero"
+    repeats: int = 5
+    rank_split: str = "train"
+    eval_split: str = "val"
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise OptionError("--layers: name at least one layer (see `dissect layers MODEL`)")
+        check_normalisation(self.mean, self.std)
+        if self.dtype not in DTYPES:
+            raise OptionError(f"--dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.union not in UNION_RULES:
+            raise OptionError(f"--union: {self.union!r} is not one of {', '.join(UNION_RULES)}")
+        if not 0.0 < self.quantile < 1.0:
+            raise OptionError(f"--quantile: expected a value in (0, 1), got {self.quantile}")
+        if self.batch_size < 1:
+            raise OptionError(f"--batch-size: expected a positive integer, got {self.batch_size}")
+        if self.rule not in ("zero", "mean"):
+            raise OptionError(f"--rule: {self.rule!r} is not one of zero, mean")
+        for study in self.ablation_studies:
+            if study not in ABLATION_STUDIES:
+                raise OptionError(f"--study: {study!r} is not one of {', '.join(ABLATION_STUDIES)}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise OptionError(f"run config: unknown field(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(names))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+
+def run_json_path(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / "run.json"
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The contents of ``run_dir/run.json``; CacheError when there is none."""
+    path = run_json_path(run_dir)
+    if not path.is_file():
+        raise CacheError(f"{path} does not exist: {run_dir} is not a run directory "
+                         f"(create one with `dissect record` or `dissect run`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CacheError(f"{path} is not valid JSON: {error}") from None
+
+
+def read_config(run_dir: str | os.PathLike[str]) -> RunConfig:
+    """The :class:`RunConfig` saved in ``run_dir/run.json``."""
+    return RunConfig.from_json(read_run(run_dir)["config"])
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of dissect, Python and the packages it depends on."""
+    import dissect
+
+    versions = {"dissect": dissect.__version__, "python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "scipy", "h5py", "dask", "distributed",
+                 "pillow", "jinja2"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+def write_run_json(config: RunConfig, *, device: str | None = None,
+                   stages: dict[str, Any] | None = None) -> Path:
+    """Write (or update) ``run.json``: config, versions, device; stages already there are kept."""
+    path = run_json_path(config.run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = read_run(config.run_dir) if path.is_file() else {}
+    data = {
+        "schema_version": RUN_SCHEMA_VERSION,
+        "config": config.to_json(),
+        "versions": package_versions(),
+        "device": device or previous.get("device") or "cpu",
+        "stages": {**previous.get("stages", {}), **(stages or {})},
+    }
+    temporary = path.with_suffix(".json.partial")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    temporary.replace(path)
+    return path
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class StageTiming:
+    """Wall time and peak resident memory of one stage (filled in when the stage ends)."""
+
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"wall_s": round(self.wall_s, 3), "peak_rss_mb": round(self.peak_rss_mb, 1),
+                **self.extra}
+
+
+@contextlib.contextmanager
+def stage_timer(interval: float = 0.05) -> Iterator[StageTiming]:
+    """Measure a stage: wall time, and peak RSS of this process sampled every ``interval`` s.
+
+    Where /proc is unavailable the peak falls back to the process's lifetime maximum.
+    """
+    timing = StageTiming()
+    peak = [_rss_bytes() or 0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], _rss_bytes() or 0)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    try:
+        yield timing
+    finally:
+        stop.set()
+        thread.join()
+        timing.wall_s = time.perf_counter() - start
+        measured = max(peak[0], _rss_bytes() or 0)
+        if measured == 0:
+            measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        timing.peak_rss_mb = measured / 2**20
+
+
+def _record_stage(run_dir: Path, name: str, timing: StageTiming) -> None:
+    data = read_run(run_dir)
+    data["stages"][name] = timing.to_json()
+    path = run_json_path(run_dir)
+    temporary = path.with_suffix(".json.partial")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    temporary.replace(path)
+
+
+def _device_name(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def open_dataset(config: RunConfig) -> BrodenDataset:
+    """The run's dataset, every image (cache rows are dataset images), chosen categories."""
+    return BrodenDataset(config.dataset, categories=config.categories)
+
+
+def record_stage(config: RunConfig, *, force: bool = False, progress: bool = True
+                 ) -> dict[str, Path]:
+    """Record the activations of every layer of ``config`` (resuming a partial cache)."""
+    from dissect.record import load_model, record_activations, resolve_layers
+
+    dataset = BrodenDataset(config.dataset)
+    model = load_model(config.model, config.weights, config.num_classes)
+    layers = tuple(resolve_layers(model, config.layers))
+    if layers != config.layers:
+        config = dataclasses.replace(config, layers=layers)
+    device = _device_name(config.device)
+    with stage_timer() as timing:
+        paths = record_activations(
+            model, dataset, list(layers), config.run_dir, mean=config.mean, std=config.std,
+            resize=config.resize, batch_size=config.batch_size, device=device,
+            dtype=config.dtype, logits=config.logits, force=force, progress=progress,
+            model_spec=config.model)
+    # run.json is written only once the recorder accepted the run directory, so a refused run
+    # (a cache from another model, say) leaves the earlier run's record untouched.
+    write_run_json(_merge_layers(config), device=device)
+    timing.extra["layers"] = list(layers)
+    _record_stage(config.run_dir, "record", timing)
+    return paths
+
+
+def _merge_layers(config: RunConfig) -> RunConfig:
+    """Keep layers recorded earlier into the same run directory (same model and dataset)."""
+    path = run_json_path(config.run_dir)
+    if not path.is_file():
+        return config
+    previous = read_run(config.run_dir).get("config", {})
+    same = all(previous.get(k) == getattr(config, k) for k in ("model", "weights", "dataset"))
+    if not same:
+        return config
+    from dissect.record import cache_path
+
+    earlier = [layer for layer in previous.get("layers", [])
+               if layer not in config.layers and cache_path(config.run_dir, layer).is_file()]
+    return dataclasses.replace(config, layers=tuple(earlier) + config.layers)
+
+
+def _tally_options(config: RunConfig) -> dict[str, Any]:
+    return {"quantile": config.quantile, "thresholds": config.thresholds, "union": config.union,
+            "categories": list(config.categories) if config.categories else None,
+            "iou_threshold": config.iou_threshold}
+
+
+def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
+                force: bool = False) -> dict[str, Any]:
+    """Dissect each layer from its cache; a layer already tallied with the same options and the
+    same cache is skipped unless ``force``."""
+    from dissect.record import cache_path, open_cache
+    from dissect.tally import dissect_layer, load_dissection
+
+    dataset = open_dataset(config)
+    results = {}
+    stages = read_run(config.run_dir).get("stages", {})
+    for layer in layers or config.layers:
+        if layer not in config.layers:
+            raise OptionError(f"--layers: {layer!r} was not recorded in {config.run_dir}; "
+                              f"recorded: {', '.join(config.layers)}")
+        cache = cache_path(config.run_dir, layer)
+        info = open_cache(cache)
+        options = {**_tally_options(config), "cache": _fingerprint_text(info)}
+        name = f"tally:{layer}"
+        layer_dir = config.run_dir / layer
+        if not force and stages.get(name, {}).get("options") == options and \
+                (layer_dir / "dissection.h5").is_file():
+            results[layer] = load_dissection(layer_dir)
+            continue
+        with stage_timer() as timing:
+            results[layer] = dissect_layer(
+                cache, dataset, layer=layer, quantile=config.quantile,
+                thresholds=config.thresholds, union=config.union,
+                iou_threshold=config.iou_threshold, scheduler=config.scheduler,
+                out_dir=layer_dir)
+        timing.extra["options"] = options
+        _record_stage(config.run_dir, name, timing)
+    return results
+
+
+def _fingerprint_text(info: Any) -> str:
+    fingerprint = getattr(info, "fingerprint", "")
+    return fingerprint if isinstance(fingerprint, str) else json.dumps(fingerprint, sort_keys=True)
+
+
+def ablation_stage(config: RunConfig, layers: Sequence[str] | None = None) -> None:
+    """Run the configured ablation studies on each layer (``ablation_layers`` by default)."""
+    from dissect.ablation import run_ablation
+
+    for layer in layers or config.ablation_layers or config.layers:
+        with stage_timer() as timing:
+            for study in config.ablation_studies:
+                run_ablation(config.run_dir, layer, study, classes=config.classes,
+                             rule=config.rule, repeats=config.repeats,
+                             rank_split=config.rank_split, eval_split=config.eval_split,
+                             scheduler=config.scheduler)
+        timing.extra["studies"] = list(config.ablation_studies)
+        _record_stage(config.run_dir, f"ablate:{layer}", timing)
+
+
+def report_stage(run_dir: str | os.PathLike[str]) -> Path:
+    """Render the HTML report of a run; returns the path of index.html."""
+    run_dir = Path(run_dir)
+    read_run(run_dir)  # a clear error before anything else when run_dir is not a run
+    from dissect.report import render_report
+
+    with stage_timer() as timing:
+        index = render_report(run_dir)
+    _record_stage(run_dir, "report", timing)
+    return index
+
+
+def run_pipeline(config: RunConfig, *, force: bool = False, progress: bool = True) -> Path:
+    """Record, tally, (ablate,) report. Resumes whatever is already done. Returns index.html."""
+    record_stage(config, force=force, progress=progress)
+    config = read_config(config.run_dir)
+    tally_stage(config, force=force)
+    if config.ablate:
+        ablation_stage(config)
+    return report_stage(config.run_dir)

@@ -1,0 +1,71 @@
+"""The command line: exit codes, messages, and run.json handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dissect.cli import main
+from dissect.errors import OptionError
+from dissect.run import RunConfig, read_config, read_run, stage_timer, write_run_json
+
+
+def test_dataset_check_clean_and_broken(broden_tiny, capsys):
+    assert main(["dataset", "check", str(broden_tiny.root)]) == 0
+    assert "no problems" in capsys.readouterr().out
+    (broden_tiny.root / "images" / "img1.png").unlink()
+    assert main(["dataset", "check", str(broden_tiny.root)]) == 2
+    out = capsys.readouterr().out
+    assert "index.csv, line 3: image images/img1.png is missing" in out
+
+
+def test_bad_input_exits_2_with_one_message(tmp_path, capsys):
+    assert main(["dataset", "check", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dissect: error:") and "does not exist" in err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "run.json does not exist" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tally"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["record", "--model", "m", "--layers", "a", "--dataset", "d", "--out", "o",
+              "--mean", "1,2"])
+    assert exit_info.value.code == 2
+    assert "--mean" in capsys.readouterr().err
+
+
+def test_run_config_validates_options(tmp_path):
+    base = dict(model="m", layers=("a",), dataset="d", out=str(tmp_path))
+    with pytest.raises(OptionError, match="--union: 'some'"):
+        RunConfig(**base, union="some")
+    with pytest.raises(OptionError, match="--quantile"):
+        RunConfig(**base, quantile=1.5)
+    with pytest.raises(OptionError, match="--layers"):
+        RunConfig(**{**base, "layers": ()})
+    with pytest.raises(OptionError, match="unknown field"):
+        RunConfig.from_json({**base, "colour": 1})
+
+
+def test_run_json_round_trip_keeps_stages(tmp_path):
+    config = RunConfig(model="m", layers=("a", "b"), dataset="d", out=str(tmp_path),
+                       resize=(64, 64), categories=("object",))
+    write_run_json(config, device="cpu", stages={"record": {"wall_s": 1.0}})
+    assert read_config(tmp_path) == config
+    write_run_json(config)
+    data = read_run(tmp_path)
+    assert data["stages"] == {"record": {"wall_s": 1.0}}
+    assert data["device"] == "cpu" and data["versions"]["torch"]
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["layers"] == ["a", "b"]
+
+
+def test_stage_timer_measures_wall_time_and_memory():
+    with stage_timer() as timing:
+        block = bytearray(64 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])
+    assert timing.wall_s > 0
+    assert timing.peak_rss_mb >= 64
