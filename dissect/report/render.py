@@ -1,0 +1,456 @@
+"""Render a run's report: ``report/index.html``, ``report/<layer>.html``, ``report/report.json`` and
+``report/img/<layer>/unit_NNNN.jpg``.
+
+The data model comes from :func:`dissect.report.data.build_report_data`; this module lays out the
+charts (plain geometry computed here, so the templates only place elements), writes the image
+strips and renders the Jinja2 templates shipped in ``dissect/report/templates``. Pages are
+self-contained (inline CSS, SVG and a small script), load nothing from the network and work from
+``file://``. The same inputs give byte-identical outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from dissect.report import data as report_data
+from dissect.report.images import write_unit_strips
+
+#: Category colours, assigned in the order categories first appear in the run.
+PALETTE = (
+    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1",
+    "#76b7b2", "#edc948", "#9c755f", "#ff9da7", "#bab0ac",
+)
+#: Thumbnail height of the strips, pixels.
+THUMBNAIL_HEIGHT = 96
+
+
+# --------------------------------------------------------------------------------------------
+# Chart layout (pure functions: data model pieces in, SVG geometry out)
+
+
+def category_colors(categories: Sequence[str]) -> dict[str, str]:
+    """Colour of each category: :data:`PALETTE` in order, cycling."""
+    return {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(categories)}
+
+
+def nice_ticks(top: float, max_ticks: int = 6) -> list[float]:
+    """Axis ticks 0, s, 2s, ... covering ``top`` with s in {1, 2, 5} x 10^k and at most
+    ``max_ticks + 1`` ticks; ``[0, 1]`` when ``top <= 0``."""
+    if top <= 0:
+        return [0.0, 1.0]
+    raw = top / max_ticks
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw - 1e-12)
+    n = int(math.ceil(top / step - 1e-9))
+    return [round(i * step, 10) for i in range(n + 1)]
+
+
+MISSING_COLOR = "#888888"
+
+
+def _plot_box(left: int, top: int, height: int, right: int) -> dict[str, int]:
+    return {"left": left, "top": top, "bottom": top + height, "right": right}
+
+
+def _y_ticks(ticks: Sequence[float], bottom: int, scale: float) -> list[dict[str, Any]]:
+    """Tick marks of a vertical axis: y position (1 decimal) and text."""
+    return [{"y": round(bottom - t * scale, 1), "text": f"{t:g}"} for t in ticks]
+
+
+#: Horizontal space of one legend entry, pixels.
+LEGEND_STEP = 110
+
+
+def _legend(categories: Sequence[str], colors: dict[str, str], left: int) -> list[dict[str, Any]]:
+    return [{"x": left + i * LEGEND_STEP, "color": colors.get(c, MISSING_COLOR), "category": c}
+            for i, c in enumerate(categories)]
+
+
+def _unique(values: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def concept_chart(concepts: Sequence[dict[str, Any]], colors: dict[str, str], *,
+                  bar_width: int = 14, height: int = 180) -> dict[str, Any]:
+    """Layout of the unique-concepts bar chart: one bar per detected concept, its height the number
+    of units detecting it, grouped and coloured by category (NetDissect's figure).
+
+    Parameters
+    ----------
+    concepts : ``layer["concepts"]`` of the data model, in display order
+    colors : category -> colour
+    bar_width, height : bar width and plot height in pixels
+
+    Returns
+    -------
+    ``{"width", "height", "plot", "bars": [{"x", "y", "w", "h", "color", "label", "category",
+    "units", "tx", "ty"}], "ticks": [{"y", "text"}], "legend_y", "legend": [{"x", "color",
+    "category"}]}`` (pixels; ints or 1-decimal floats). ``tx, ty`` anchor the rotated bar label.
+    """
+    left, top, legend_h, gap = 34, 10, 22, 2
+    longest = max([len(c["label"]) for c in concepts], default=0)
+    label_space = min(170, 20 + int(longest * 5))  # rotated labels, about 5 px per character
+    ticks = nice_ticks(max([c["units"] for c in concepts], default=0))
+    scale = height / ticks[-1]
+    bottom = top + height
+    bars = []
+    for i, c in enumerate(concepts):
+        x = left + gap + i * (bar_width + gap)
+        h = round(c["units"] * scale, 1)
+        bars.append({"x": x, "y": round(bottom - h, 1), "w": bar_width, "h": h,
+                     "color": colors.get(c["category"], MISSING_COLOR), "label": c["label"],
+                     "category": c["category"], "units": c["units"],
+                     "tx": x + bar_width // 2 + 4, "ty": bottom + 6})
+    legend = _legend(_unique([c["category"] for c in concepts]), colors, left)
+    width = max(320, left + gap + len(concepts) * (bar_width + gap) + 10,
+                left + len(legend) * LEGEND_STEP)
+    return {
+        "width": width,
+        "height": bottom + label_space + legend_h,
+        "plot": _plot_box(left, top, height, width - 10),
+        "bars": bars,
+        "ticks": _y_ticks(ticks, bottom, scale),
+        "legend_y": bottom + label_space,
+        "legend": legend,
+    }
+
+
+def histogram_chart(histogram: dict[str, list], iou_threshold: float, *, width: int = 520,
+                    height: int = 160) -> dict[str, Any]:
+    """Layout of the IoU histogram with a dashed vertical line at ``iou_threshold``.
+
+    Parameters
+    ----------
+    histogram : ``layer["iou_histogram"]`` (``edges`` (B + 1,), ``counts`` (B,))
+    iou_threshold : the detection cut-off
+    width, height : chart width and plot height in pixels
+
+    Returns
+    -------
+    ``{"width", "height", "plot", "bars": [{"x", "y", "w", "h", "lo", "hi", "count"}], "yticks",
+    "xticks", "threshold_x", "threshold"}``.
+    """
+    left, top, bottom_space, right = 40, 10, 34, 10
+    edges, counts = histogram["edges"], histogram["counts"]
+    ticks = nice_ticks(max(counts, default=0))
+    span = edges[-1] - edges[0]
+    sx = (width - left - right) / span
+    sy = height / ticks[-1]
+    bottom = top + height
+    bars = []
+    for i, count in enumerate(counts):
+        x0 = left + (edges[i] - edges[0]) * sx
+        x1 = left + (edges[i + 1] - edges[0]) * sx
+        h = round(count * sy, 1)
+        bars.append({"x": round(x0 + 0.5, 1), "w": round(max(0.5, x1 - x0 - 1), 1),
+                     "y": round(bottom - h, 1), "h": h, "lo": f"{edges[i]:.2f}",
+                     "hi": f"{edges[i + 1]:.2f}", "count": count})
+    xticks = [{"x": round(left + t * sx, 1), "text": f"{edges[0] + t:g}"}
+              for t in nice_ticks(span, 5) if t <= span + 1e-9]
+    return {
+        "width": width,
+        "height": bottom + bottom_space,
+        "plot": _plot_box(left, top, height, width - right),
+        "bars": bars,
+        "yticks": _y_ticks(ticks, bottom, sy),
+        "xticks": xticks,
+        "threshold_x": round(left + (min(iou_threshold, edges[-1]) - edges[0]) * sx, 1),
+        "threshold": f"{iou_threshold:g}",
+    }
+
+
+def layers_chart(layers: Sequence[dict[str, Any]], colors: dict[str, str], *,
+                 bar_width: int = 44, height: int = 180) -> dict[str, Any]:
+    """Layout of the across-layers chart: per layer a bar stacked by category of the number of
+    detector units, with "detectors / unique concepts" written above it. The legend lists the
+    categories that have detectors, in ``colors`` order.
+
+    Parameters
+    ----------
+    layers : ``data["layers"]``
+    colors : category -> colour
+    bar_width, height : bar width and plot height in pixels
+
+    Returns
+    -------
+    ``{"width", "height", "plot", "columns": [{"x", "w", "name", "label_x", "segments": [{"y",
+    "h", "color", "category", "units"}], "total_y", "n_detectors", "n_concepts"}], "ticks",
+    "legend_y", "legend"}``.
+    """
+    left, top, label_space, legend_h, gap = 40, 24, 70, 22, 18
+    totals = [sum(d["units"] for d in layer["detectors"]) for layer in layers]
+    ticks = nice_ticks(max(totals, default=0))
+    sy = height / ticks[-1]
+    bottom = top + height
+    columns = []
+    for i, layer in enumerate(layers):
+        x = left + gap + i * (bar_width + gap)
+        base = float(bottom)
+        segments = []
+        for d in layer["detectors"]:
+            if d["units"] == 0:
+                continue
+            base -= d["units"] * sy
+            segments.append({"y": round(base, 1), "h": round(d["units"] * sy, 1),
+                             "color": colors.get(d["category"], MISSING_COLOR),
+                             "category": d["category"], "units": d["units"]})
+        columns.append({"x": x, "w": bar_width, "name": layer["name"],
+                        "label_x": x + bar_width // 2, "segments": segments,
+                        "total_y": round(base - 4, 1), "n_detectors": layer["n_detectors"],
+                        "n_concepts": layer["n_concepts"]})
+    found = _unique([d["category"] for layer in layers for d in layer["detectors"] if d["units"]])
+    used = [c for c in colors if c in found] + [c for c in found if c not in colors]
+    width = max(320, left + gap + len(layers) * (bar_width + gap) + 10,
+                left + len(used) * LEGEND_STEP)
+    return {
+        "width": width,
+        "height": bottom + label_space + legend_h,
+        "plot": _plot_box(left, top, height, width - 10),
+        "columns": columns,
+        "ticks": _y_ticks(ticks, bottom, sy),
+        "legend_y": bottom + label_space,
+        "legend": _legend(used, colors, left),
+    }
+
+
+def detector_table(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the index page's table: per layer, one cell per run category (``None`` where the
+    layer was not dissected for that category) with its detector units and unique concepts."""
+    rows = []
+    for layer in data["layers"]:
+        by_cat = {d["category"]: d for d in layer["detectors"]}
+        rows.append(
+            {
+                "name": layer["name"], "page": layer["page"], "n_units": layer["n_units"],
+                "iou_threshold": layer["iou_threshold"], "n_detectors": layer["n_detectors"],
+                "n_concepts": layer["n_concepts"],
+                "cells": [by_cat.get(c) for c in data["categories"]],
+            }
+        )
+    return rows
+
+
+def layout_report(data: dict[str, Any]) -> dict[str, Any]:
+    """The view of the data model: ``{"colors", "detector_table", "layers_chart", "charts":
+    {layer: {"concepts", "histogram"}}}`` (colours, table rows and chart geometry)."""
+    colors = category_colors(data["categories"])
+    return {
+        "colors": colors,
+        "detector_table": detector_table(data),
+        "layers_chart": layers_chart(data["layers"], colors),
+        "charts": {
+            layer["name"]: {
+                "concepts": concept_chart(layer["concepts"], colors),
+                "histogram": histogram_chart(layer["iou_histogram"], layer["iou_threshold"]),
+            }
+            for layer in data["layers"]
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Templates
+
+
+def _format_float(value: float, decimals: int = 3) -> str:
+    return f"{float(value):.{decimals}f}"
+
+
+def make_environment() -> Environment:
+    """The Jinja2 environment of the report templates (package data of ``dissect.report``):
+    autoescaping on, undefined names are errors, filter ``fixed(x, d)`` formats a float."""
+    env = Environment(
+        loader=PackageLoader("dissect.report", "templates"),
+        autoescape=select_autoescape(
+            enabled_extensions=("html", "svg", "xml"), default=True, default_for_string=True
+        ),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fixed"] = _format_float
+    return env
+
+
+def dumps_report_json(data: dict[str, Any]) -> str:
+    """report.json text: sorted keys, ASCII only, one-space indent, trailing newline."""
+    return json.dumps(data, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_bytes(text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Activations for the strips
+
+
+def gather_rows(acts: Any, rows: np.ndarray, u0: int, u1: int, chunk_rows: int) -> np.ndarray:
+    """``acts[rows, u0:u1]`` as float32, read as one slice per group of ``chunk_rows`` rows.
+
+    Parameters
+    ----------
+    acts : an (N, U, h, w) array or h5py dataset (sliced, never fancy-indexed: h5py point
+        selections are slow)
+    rows : sorted unique int64 row indices
+    u0, u1 : the unit range
+    chunk_rows : rows per group (the dataset's chunk height, so each slice touches one chunk row)
+
+    Returns
+    -------
+    float32 (len(rows), u1 - u0, h, w). At most ``chunk_rows`` extra rows are held at a time.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((rows.size, u1 - u0, *acts.shape[2:]), dtype=np.float32)
+    bounds = np.flatnonzero(np.diff(rows // max(1, chunk_rows))) + 1
+    for start, stop in zip([0, *bounds.tolist()], [*bounds.tolist(), rows.size]):
+        if start == stop:
+            continue
+        lo, hi = int(rows[start]), int(rows[stop - 1]) + 1
+        out[start:stop] = np.asarray(acts[lo:hi, u0:u1])[rows[start:stop] - lo]
+    return out
+
+
+def acts_block_reader(path: Path) -> tuple[Callable[[np.ndarray, int, int], np.ndarray], Any]:
+    """A reader ``read(rows, u0, u1)`` of ``acts[rows, u0:u1]`` (float32; rows sorted unique int64)
+    from a cache file (:func:`gather_rows`, one slice per HDF5 chunk row), and the open h5py file
+    (close it when done)."""
+    import h5py
+
+    f = h5py.File(path, "r")
+    acts = f["acts"]
+    chunk_rows = acts.chunks[0] if acts.chunks else 64
+
+    def read(rows: np.ndarray, u0: int, u1: int) -> np.ndarray:
+        return gather_rows(acts, rows, u0, u1, chunk_rows)
+
+    return read, f
+
+
+def write_layer_strips(
+    run_dir: Path,
+    layer: dict[str, Any],
+    thresholds: np.ndarray,
+    dataset: Any,
+    out_dir: Path,
+    thumbnail_height: int = THUMBNAIL_HEIGHT,
+) -> None:
+    """Write the strips ``out_dir/<unit strip path>`` of one layer of the data model.
+
+    Parameters
+    ----------
+    run_dir : the run directory (its ``cache/<layer>.h5`` is read)
+    layer : one entry of ``data["layers"]``
+    thresholds : float (U,), the dissection's thresholds
+    dataset : the run's ``BrodenDataset``
+    out_dir : the report directory
+    thumbnail_height : pixels
+    """
+    from dissect.record import cache_path, open_cache
+
+    path = cache_path(run_dir, layer["name"])
+    info = open_cache(path)
+    k = max([len(u["top_images"]) for u in layer["units"]], default=0)
+    top = np.full((len(layer["units"]), max(1, k)), -1, dtype=np.int64)
+    for u in layer["units"]:
+        idx = [t["index"] for t in u["top_images"]]
+        top[u["unit"], : len(idx)] = idx
+    read, handle = acts_block_reader(path)
+    try:
+        write_unit_strips(
+            read,
+            dataset.load_image,
+            np.asarray(thresholds, dtype=np.float64),
+            top,
+            [out_dir / u["strip"] for u in layer["units"]],
+            image_size=tuple(dataset.image_size),
+            seg_size=tuple(dataset.seg_size),
+            map_size=int(info.height) * int(info.width),
+            thumbnail_height=thumbnail_height,
+        )
+    finally:
+        handle.close()
+
+
+def render_pages(data: dict[str, Any], out_dir: Path, thumbnail_shape: tuple[int, int]) -> Path:
+    """Write report.json, index.html and one page per layer from the data model.
+
+    ``thumbnail_shape`` (th, tw) sizes the strip ``<img>`` elements. Returns the index.html path.
+    """
+    from dissect.report.images import STRIP_GAP
+
+    env = make_environment()
+    view = layout_report(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(out_dir / "report.json", dumps_report_json(data))
+    th, tw = thumbnail_shape
+    k = data["top_k"]
+    strip = {"height": th, "width": k * tw + (k - 1) * STRIP_GAP}
+    index = out_dir / "index.html"
+    _write_text(index, env.get_template("index.html").render(report=data, view=view))
+    layer_template = env.get_template("layer.html")
+    for layer in data["layers"]:
+        text = layer_template.render(
+            report=data, layer=layer, chart=view["charts"][layer["name"]], view=view, strip=strip
+        )
+        _write_text(out_dir / layer["page"], text)
+    return index
+
+
+def render_report(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    dataset: Any = None,
+    top_k: int = report_data.TOP_K,
+    thumbnail_height: int = THUMBNAIL_HEIGHT,
+    ablation_metric: str = report_data.ABLATION_METRIC,
+) -> Path:
+    """Write the HTML report of a run and return the path of its ``index.html``.
+
+    Parameters
+    ----------
+    run_dir : a run directory with run.json, the activation caches and at least one dissection
+    out_dir : output directory (default ``run_dir/report``)
+    dataset : an opened ``BrodenDataset`` of the run (default: ``config.dataset`` of run.json)
+    top_k : top images per unit
+    thumbnail_height : strip thumbnail height in pixels
+    ablation_metric : accuracy | balanced_accuracy | precision | recall | true_class_prob
+
+    Writes ``report.json`` (the data model), ``index.html``, ``<layer>.html`` per dissected layer
+    and ``img/<layer>/unit_NNNN.jpg`` (one strip per unit). Identical inputs give identical bytes.
+
+    Raises
+    ------
+    CacheError, DatasetError, OptionError
+        As :func:`build_report_data`, and for a bad ``thumbnail_height``.
+    """
+    from dissect.errors import OptionError
+    from dissect.report.images import thumbnail_shape
+    from dissect.tally import load_dissection
+
+    if thumbnail_height < 8:
+        raise OptionError(f"thumbnail_height is {thumbnail_height}; expected at least 8 pixels")
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    if dataset is None:
+        from dissect.run import read_run
+
+        dataset = report_data.open_run_dataset(run_dir, read_run(run_dir).get("config", {}))
+    data = report_data.build_report_data(
+        run_dir, dataset=dataset, top_k=top_k, ablation_metric=ablation_metric
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for layer in data["layers"]:
+        thresholds = np.asarray(load_dissection(run_dir / layer["name"]).thresholds)
+        write_layer_strips(run_dir, layer, thresholds, dataset, out, thumbnail_height)
+    shape = thumbnail_shape(tuple(dataset.image_size), thumbnail_height)
+    return render_pages(data, out, shape)
