@@ -1,0 +1,313 @@
+"""Forward hooks that ablate units of a layer, and the replacement rules.
+
+A unit is a channel (axis 1) of a layer's output tensor. Ablating a set of units replaces their
+output maps by a per-unit constant given by a rule:
+
+- ``zero`` (default): 0.
+- ``mean``: the unit's mean activation over the dataset (``means``, see :func:`compute_unit_means`).
+
+New rules are added with :func:`register_rule`. The hooks are removed when the context exits, also
+after an exception.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from dissect.errors import LayerError, OptionError
+
+RuleFunction = Callable[[int, "np.ndarray | None"], np.ndarray]
+"""A rule maps (number of units U, optional per-unit means (U,)) to fill values (U,) float32."""
+
+_RULES: dict[str, RuleFunction] = {}
+
+
+def register_rule(name: str) -> Callable[[RuleFunction], RuleFunction]:
+    """Decorator registering an ablation rule under ``name``; a duplicate name is refused."""
+
+    def decorate(function: RuleFunction) -> RuleFunction:
+        if name in _RULES:
+            raise ValueError(f"ablation rule {name!r} is already registered")
+        _RULES[name] = function
+        return function
+
+    return decorate
+
+
+def rule_names() -> tuple[str, ...]:
+    """The registered rule names (allowed values of the ``rule`` option)."""
+    return tuple(_RULES)
+
+
+@register_rule("zero")
+def _zero_rule(n_units: int, means: np.ndarray | None) -> np.ndarray:
+    return np.zeros(n_units, dtype=np.float32)
+
+
+@register_rule("mean")
+def _mean_rule(n_units: int, means: np.ndarray | None) -> np.ndarray:
+    if means is None:
+        raise OptionError("rule 'mean' needs the per-unit mean activations (means=...); compute "
+                          "them from the activation cache with compute_unit_means(reader)")
+    values = np.asarray(means, dtype=np.float32).reshape(-1)
+    if values.shape != (n_units,):
+        raise OptionError(f"rule 'mean': means has {values.size} values but the layer has "
+                          f"{n_units} units")
+    return values
+
+
+def fill_values(rule: str, n_units: int, means: np.ndarray | None = None) -> np.ndarray:
+    """The value each unit takes when ablated under ``rule``.
+
+    Returns
+    -------
+    (U,) float32. Raises OptionError for an unknown rule or missing/mis-sized means.
+    """
+    if rule not in _RULES:
+        raise OptionError(f"option rule: unknown ablation rule {rule!r}; allowed: "
+                          f"{', '.join(_RULES)}")
+    return _RULES[rule](n_units, means)
+
+
+def check_rule(rule: str) -> None:
+    """Raise OptionError when ``rule`` is not a registered rule."""
+    if rule not in _RULES:
+        raise OptionError(f"option rule: unknown ablation rule {rule!r}; allowed: "
+                          f"{', '.join(_RULES)}")
+
+
+def find_module(model: nn.Module, layer: str) -> nn.Module:
+    """The submodule named ``layer`` (a dotted ``named_modules()`` name); LayerError otherwise."""
+    modules = dict(model.named_modules())
+    if layer in modules and layer != "":
+        return modules[layer]
+    close = difflib.get_close_matches(layer, [name for name in modules if name], n=5)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    raise LayerError(f"layer {layer!r} is not a module of the model{hint}. "
+                     "List the layers with `dissect layers MODEL`.")
+
+
+def check_units(units: Sequence[int] | np.ndarray, n_units: int | None = None) -> np.ndarray:
+    """Validate a unit set: integers in ``[0, n_units)`` (when known).
+
+    Returns
+    -------
+    (k,) int64, sorted, duplicates removed. Raises OptionError naming the bad index.
+    """
+    array = np.asarray(list(units) if not isinstance(units, np.ndarray) else units)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer)
+                               or (np.issubdtype(array.dtype, np.floating)
+                                   and np.all(array == np.round(array)))):
+        raise OptionError(f"option units: expected a list of integer unit indices, got {units!r}")
+    array = array.astype(np.int64)
+    bad = array[(array < 0) | ((array >= n_units) if n_units is not None else False)]
+    if bad.size:
+        allowed = f"[0, {n_units})" if n_units is not None else "non-negative integers"
+        raise OptionError(f"option units: unit index {int(bad[0])} is out of range; allowed "
+                          f"{allowed}")
+    return np.unique(array)
+
+
+def _output_tensor(output: Any, layer: str) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor) or output.dim() < 2:
+        kind = type(output).__name__ if not isinstance(output, torch.Tensor) else \
+            f"a tensor of shape {tuple(output.shape)}"
+        raise LayerError(f"layer {layer!r}: output is {kind}; ablation needs a tensor with units "
+                         "on axis 1 (N, U, ...)")
+    return output
+
+
+def apply_unit_masks(acts: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Replicate a batch along a set axis and ablate one unit set per replica.
+
+    Parameters
+    ----------
+    acts : (B, U, ...) float tensor
+        Layer output of B images; it is replicated S times, set-major.
+    masks : (S, U) bool tensor
+        ``masks[s, u]``: unit u is ablated in set s.
+    fill : (U,) float tensor
+        Value of an ablated unit (see :func:`fill_values`).
+
+    Returns
+    -------
+    (S * B, U, ...) tensor of ``acts.dtype``, set-major; kept units are exactly the input values.
+    """
+    n_sets, n_units = masks.shape
+    if acts.shape[1] != n_units:
+        raise OptionError(f"unit masks have {n_units} units but the layer output has "
+                          f"{acts.shape[1]} (shape {tuple(acts.shape)})")
+    rows = acts.shape[0]
+    per_set = acts.reshape((1, rows) + tuple(acts.shape[1:]))
+    trailing = (1,) * (acts.dim() - 2)
+    mask_view = masks.to(acts.device).reshape((n_sets, 1, n_units) + trailing)
+    fill_view = fill.to(device=acts.device, dtype=acts.dtype).reshape((1, 1, n_units) + trailing)
+    out = torch.where(mask_view, fill_view, per_set)
+    return out.reshape((n_sets * rows,) + tuple(acts.shape[1:]))
+
+
+def mask_replicated(acts: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Ablate set s in rows ``s*B:(s+1)*B`` of an (S * B, U, ...) batch (already replicated).
+
+    Returns a new (S * B, U, ...) tensor; see :func:`apply_unit_masks` for the arguments.
+    """
+    n_sets, n_units = masks.shape
+    if acts.shape[0] % n_sets:
+        raise ValueError(f"batch of {acts.shape[0]} rows is not a multiple of {n_sets} sets")
+    rows = acts.shape[0] // n_sets
+    per_set = acts.reshape((n_sets, rows) + tuple(acts.shape[1:]))
+    trailing = (1,) * (acts.dim() - 2)
+    mask_view = masks.to(acts.device).reshape((n_sets, 1, n_units) + trailing)
+    fill_view = fill.to(device=acts.device, dtype=acts.dtype).reshape((1, 1, n_units) + trailing)
+    return torch.where(mask_view, fill_view, per_set).reshape(acts.shape)
+
+
+@contextmanager
+def ablate_units(model: nn.Module, layer: str, units: Sequence[int] | np.ndarray,
+                 rule: str = "zero", means: np.ndarray | None = None) -> Iterator[None]:
+    """Ablate ``units`` of ``layer`` during the ``with`` block.
+
+    A forward hook on the module replaces the output maps of the chosen units (axis 1 of the output
+    tensor) by the rule's value: ``zero`` -> 0, ``mean`` -> ``means[u]`` (per-unit dataset mean,
+    (U,) array). The hook is removed on exit, also after an exception.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layer : str, a dotted ``named_modules()`` name (LayerError otherwise)
+    units : sequence of int, 0-based unit indices (OptionError when out of range; the range is
+        checked at the first forward, when U is known)
+    rule : 'zero' | 'mean' (or any name added with :func:`register_rule`)
+    means : (U,) float array, needed by ``rule='mean'``
+
+    Examples
+    --------
+    >>> with ablate_units(model, "layer3", [4, 17]):          # doctest: +SKIP
+    ...     logits = model(images)
+    """
+    module = find_module(model, layer)
+    check_rule(rule)
+    unit_array = check_units(units)
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+        tensor = _output_tensor(output, layer)
+        n_units = tensor.shape[1]
+        check_units(unit_array, n_units)
+        fill = torch.from_numpy(fill_values(rule, n_units, means))
+        index = torch.from_numpy(unit_array).to(tensor.device)
+        out = tensor.clone()
+        shape = (len(unit_array),) + (1,) * (tensor.dim() - 2)
+        out[:, index] = fill[index.cpu()].to(device=tensor.device,
+                                             dtype=tensor.dtype).reshape(shape)
+        return out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def ablate_unit_sets(model: nn.Module, layer: str, masks: np.ndarray | torch.Tensor,
+                     rule: str = "zero", means: np.ndarray | None = None) -> Iterator[None]:
+    """Evaluate S unit sets in one forward: the batched form of :func:`ablate_units`.
+
+    Inside the block, feed the model a batch replicated S times along the batch axis, set-major
+    (``images.repeat(S, 1, 1, 1)``: rows ``s*B:(s+1)*B`` are set s); the hook ablates the units of
+    ``masks[s]`` in the rows of set s. The hook is removed on exit, also after an exception.
+
+    Parameters
+    ----------
+    masks : (S, U) bool array or tensor, ``masks[s, u]`` = unit u ablated in set s
+    rule, means : as in :func:`ablate_units`
+    """
+    mask_array = np.asarray(masks, dtype=bool)
+    if mask_array.ndim != 2:
+        raise OptionError(f"masks must be (S, U) bool, got shape {mask_array.shape}")
+    with ablate_with_fill(model, layer, mask_array, fill_values(rule, mask_array.shape[1], means)):
+        yield
+
+
+@contextmanager
+def ablate_with_fill(model: nn.Module, layer: str, masks: np.ndarray,
+                     fill: np.ndarray) -> Iterator[None]:
+    """:func:`ablate_unit_sets` with explicit fill values (U,) float32 instead of a rule."""
+    module = find_module(model, layer)
+    mask_tensor = torch.as_tensor(np.asarray(masks, dtype=bool))
+    fill_tensor = torch.as_tensor(np.asarray(fill, dtype=np.float32))
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+        return mask_replicated(_output_tensor(output, layer), mask_tensor, fill_tensor)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replace_output(model: nn.Module, layer: str, values: torch.Tensor) -> Iterator[None]:
+    """Replace the output of ``layer`` by ``values`` (same shape) during the block.
+
+    Used to check that running the model's suffix on given activations equals the full forward
+    whose layer output is those activations. The hook is removed on exit.
+    """
+    module = find_module(model, layer)
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+        tensor = _output_tensor(output, layer)
+        if tuple(tensor.shape) != tuple(values.shape):
+            raise LayerError(f"layer {layer!r}: replacement of shape {tuple(values.shape)} does "
+                             f"not match the output shape {tuple(tensor.shape)}")
+        return values.to(device=tensor.device, dtype=tensor.dtype).clone()  # in-place ops follow
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class RowReader(Protocol):
+    """What :func:`compute_unit_means` needs of an activation source (e.g. a CacheReader)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+def compute_unit_means(reader: RowReader, *, batch_size: int = 64) -> np.ndarray:
+    """Per-unit mean activation over every image and position, streaming over the cache.
+
+    Parameters
+    ----------
+    reader : a CacheReader (or anything with ``shape`` (N, U, ...) and ``read(start, stop)``
+        returning float32 rows)
+    batch_size : images read at a time (memory is bounded by one block)
+
+    Returns
+    -------
+    (U,) float64, the mean of ``acts[:, u]`` over images and spatial positions.
+    """
+    shape = tuple(reader.shape)
+    n_images, n_units = shape[0], shape[1]
+    if n_images == 0:
+        raise OptionError("compute_unit_means: the activation cache holds no image")
+    total = np.zeros(n_units, dtype=np.float64)
+    for start in range(0, n_images, batch_size):
+        block = np.asarray(reader.read(start, min(start + batch_size, n_images)), np.float64)
+        total += block.reshape(block.shape[0], n_units, -1).sum(axis=(0, 2))
+    positions = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+    return total / (n_images * positions)

@@ -1,0 +1,276 @@
+"""run_ablation: one ablation study of one layer of a run directory, in one call.
+
+The model, weights, preprocessing and dataset come from ``run_dir/run.json``
+(:func:`dissect.run.read_run`); the cached activations of the layer (``run_dir/cache/<layer>.h5``)
+feed the suffix path and the ``mean`` rule; results go to ``run_dir/<layer>/ablation.h5`` and
+``ablation.csv`` (and ``importance.csv`` for the single and top-N studies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dissect.ablation.hooks import check_rule, compute_unit_means, find_module
+from dissect.ablation.labels import PREDICTED, load_class_labels, read_class_names
+from dissect.ablation.result import (
+    IMPORTANCE_CSV,
+    AblationResult,
+    importance_table,
+    rank_units,
+    write_importance_csv,
+)
+from dissect.ablation.sources import DatasetImages
+from dissect.ablation.study import USE_SUFFIX, AblationStudy
+from dissect.errors import CacheError, OptionError
+
+STUDIES: tuple[str, ...] = ("single", "topn", "concept", "random")
+"""Studies of :func:`run_ablation` (``dissect ablate --study``)."""
+
+ALL_SPLITS = "all"
+
+
+def layer_dir(run_dir: str | os.PathLike[str], layer: str) -> Path:
+    """``run_dir/<layer>``, where a layer's dissection and ablation outputs go."""
+    return Path(run_dir) / layer
+
+
+def parse_sizes(n: Sequence[int] | str | int | None) -> list[int] | None:
+    """Set sizes from ``[1, 2, 4]``, ``'1,2,4'`` or ``4``; OptionError naming a bad entry."""
+    if n is None:
+        return None
+    if isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+        return [int(n)]
+    items = [item.strip() for item in n.split(",")] if isinstance(n, str) else list(n)
+    sizes = []
+    for item in items:
+        try:
+            value = int(item)
+        except (TypeError, ValueError):
+            raise OptionError(f"option n: {item!r} is not an integer; expected sizes like "
+                              "1,2,4,8") from None
+        sizes.append(value)
+    if not sizes:
+        raise OptionError("option n: no set size given; expected sizes like 1,2,4,8")
+    return sizes
+
+
+def split_rows(dataset: Any, split: str | None) -> np.ndarray:
+    """Rows of a split (``None`` or 'all': every image); OptionError listing the splits."""
+    if split is None or split == ALL_SPLITS:
+        return np.arange(len(dataset), dtype=np.int64)
+    return np.asarray(dataset.subset(split), dtype=np.int64)
+
+
+def concept_units(dissection: Any, concept: str, iou_threshold: float | None = None
+                  ) -> np.ndarray:
+    """Units whose dissection label is ``concept`` with ``unit_iou >= iou_threshold``.
+
+    Parameters
+    ----------
+    dissection : DissectionResult (``unit_label`` (U,), ``unit_iou`` (U,), ``label_names`` (L,),
+        ``iou_threshold``)
+    concept : label name
+    iou_threshold : default ``dissection.iou_threshold``
+
+    Returns
+    -------
+    (k,) int64 sorted unit indices. OptionError when the concept is no label (close names listed)
+    or no unit detects it at this threshold (the detected concepts listed).
+    """
+    names = [str(name) for name in dissection.label_names]
+    threshold = float(dissection.iou_threshold if iou_threshold is None else iou_threshold)
+    if concept not in names:
+        close = difflib.get_close_matches(concept, [n for n in names if n != "-"], n=5)
+        hint = f"close names: {', '.join(close)}" if close else "no close name"
+        raise OptionError(f"option concept: unknown concept {concept!r}; {hint}")
+    unit_names = np.array([names[int(label)] for label in dissection.unit_label], dtype=object)
+    detected = np.asarray(dissection.unit_iou, dtype=np.float64) >= threshold
+    units = np.flatnonzero((unit_names == concept) & detected).astype(np.int64)
+    if units.size == 0:
+        present = sorted(set(unit_names[detected].tolist()))
+        listed = ", ".join(present[:20]) + (" ..." if len(present) > 20 else "")
+        raise OptionError(f"option concept: no unit is labeled {concept!r} with IoU >= "
+                          f"{threshold}; concepts detected: {listed or 'none'}")
+    return units
+
+
+def check_cache_matches(info: Any, wanted: dict[str, Any]) -> None:
+    """CacheError naming the fingerprint fields of a cache that differ from ``wanted``.
+
+    ``wanted`` maps fingerprint fields (``weights``, ``dataset``, ``mean``, ``std``, ``resize``)
+    to the values of this ablation; fields the cache does not record are not compared.
+    """
+    stored = info.fingerprint or {}
+    changed = [key for key, value in wanted.items() if key in stored and stored[key] != value]
+    if changed:
+        described = ", ".join(f"{key} (cache {str(stored[key])[:24]!r}, now "
+                              f"{str(wanted[key])[:24]!r})" for key in changed)
+        raise CacheError(f"cache {info.path} was recorded with another {described}; record the "
+                         "layer again (`dissect record ... --force`) or pass use_cache=False")
+
+
+def _load_dissection(run_dir: Path, layer: str) -> Any:
+    directory = layer_dir(run_dir, layer)
+    if not (directory / "dissection.h5").is_file():
+        return None
+    from dissect.tally import load_dissection
+
+    return load_dissection(directory)
+
+
+def run_ablation(run_dir: str | os.PathLike[str], layer: str, study: str, *,
+                 dataset: str | os.PathLike[str] | None = None, classes: str | None = None,
+                 class_names: Sequence[str] | str | os.PathLike[str] | None = None,
+                 n: Sequence[int] | str | int | None = None, concept: str | None = None,
+                 repeats: int = 5, seed: int = 0, rank_split: str | None = "train",
+                 eval_split: str | None = "val", rank_by: str = "recall", rule: str = "zero",
+                 iou_threshold: float | None = None, scheduler: str = "threads",
+                 use_cache: bool | str = "auto", batch_size: int | None = None,
+                 sets_per_batch: int | None = None, device: str | None = None,
+                 target_classes: Sequence[str] | None = None, top: int = 4,
+                 save: bool = True) -> AblationResult:
+    """Run one ablation study on ``layer`` of the run in ``run_dir`` and save it.
+
+    Parameters
+    ----------
+    run_dir : a run directory with ``run.json`` (config: model, weights, num_classes, dataset,
+        mean, std, resize, batch_size, device)
+    layer : dotted layer name
+    study : 'single' (every unit alone) | 'topn' (per class, its top-N units removed, study
+        'topn', and kept alone, study 'keep'; ranked on ``rank_split``) | 'concept' (all units
+        labeled ``concept`` by the dissection, IoU >= ``iou_threshold``) | 'random' (``repeats``
+        random sets of each size, ``seed``)
+    dataset : dataset directory (default: the run's)
+    classes : class source (:func:`~dissect.ablation.labels.load_class_labels`): an image-level
+        category, a CSV ``image,class`` or 'predicted'; default 'scene' when the dataset has that
+        category, else 'predicted'
+    class_names : model-output class names (a sequence, or a text file with one name per line)
+    n : set sizes for topn/random (list, '1,2,4' or int; default 1, 2, 4, ... <= U / 2)
+    rank_split, eval_split : splits of the dataset ('all' or None: every image)
+    rank_by : metric whose single-unit drop ranks units (default 'recall', see
+        :func:`~dissect.ablation.result.rank_units`)
+    rule : 'zero' | 'mean' (the unit's mean activation over the dataset, from the cache)
+    scheduler : 'threads' | 'processes' | 'synchronous' | 'tcp://host:port'
+    use_cache : 'auto' (run only the part after the layer from the cache when the model can be
+        split there) | True (require it) | False (full forward with hooks)
+    batch_size : images per forward (default: the run's); sets_per_batch: sets per Dask task
+    target_classes : for topn, the classes to build sets for (default: every class with images)
+    top : for importance.csv, a unit counts for a class when among its ``top`` most damaging
+    save : write ``<layer>/ablation.h5``, ``ablation.csv`` (and, for single and topn,
+        ``importance.csv`` from that study's single-unit ranking: on the eval split for single,
+        on the rank split for topn)
+
+    Returns
+    -------
+    AblationResult (row 0 = baseline) with ``h5_path``/``csv_path``/``importance_path`` set when
+    saved.
+    """
+    if study not in STUDIES:
+        raise OptionError(f"option study: unknown study {study!r}; allowed: {', '.join(STUDIES)}")
+    check_rule(rule)
+    if use_cache not in USE_SUFFIX:
+        raise OptionError(f"option use_cache: {use_cache!r}; allowed: 'auto', True, False")
+    if study == "concept" and not concept:
+        raise OptionError("option concept: study 'concept' needs a concept name (--concept NAME)")
+    sizes = parse_sizes(n)
+    run_dir = Path(run_dir)
+    base, data = _open_study(run_dir, layer, dataset=dataset, rule=rule, scheduler=scheduler,
+                             use_cache=use_cache, batch_size=batch_size,
+                             sets_per_batch=sets_per_batch, device=device)
+    source = classes if classes is not None else \
+        ("scene" if "scene" in tuple(data.vocab.categories) else PREDICTED)
+    names = read_class_names(class_names) if class_names is not None else None
+    predictions = base.predict() if str(source) == PREDICTED else None
+    label_names, y = load_class_labels(source, data, class_names=names,
+                                       n_outputs=base.n_outputs, predictions=predictions)
+    runner = base.with_labels(y, label_names)
+    eval_rows = split_rows(data, eval_split)
+    info: dict[str, Any] = {"classes": str(source), "eval_split": eval_split or ALL_SPLITS}
+    dissection = _load_dissection(run_dir, layer) if study != "random" else None
+
+    ranking = damage = None
+    if study == "single":
+        result = runner.single(eval_rows, info=info)
+        ranking, damage = rank_units(result, rank_by)
+    elif study == "topn":
+        info["rank_split"] = rank_split or ALL_SPLITS
+        result = runner.topn(eval_rows, sizes, rank_indices=split_rows(data, rank_split),
+                             classes=target_classes, rank_by=rank_by, info=info)
+        ranking, damage = result.ranking, result.damage
+    elif study == "concept":
+        if dissection is None:
+            raise CacheError(f"{layer_dir(run_dir, layer) / 'dissection.h5'} does not exist; run "
+                             f"`dissect tally --run {run_dir} --layers {layer}` first")
+        threshold = iou_threshold if iou_threshold is not None else dissection.iou_threshold
+        info["iou_threshold"] = float(threshold)
+        result = runner.concept(concept_units(dissection, str(concept), threshold),
+                                str(concept), eval_rows, info=info)
+    else:
+        result = runner.random(sizes, repeats, seed, eval_rows, info=info)
+    if not save:
+        return result
+    h5_path, csv_path = result.save(layer_dir(run_dir, layer))
+    importance_path = None
+    if ranking is not None:
+        rows = importance_table(ranking, result.class_names, damage=damage,
+                                dissection=dissection, top=top)
+        importance_path = write_importance_csv(rows, layer_dir(run_dir, layer) / IMPORTANCE_CSV)
+    return dataclasses.replace(result, h5_path=h5_path, csv_path=csv_path,
+                               importance_path=importance_path)
+
+
+def _open_study(run_dir: Path, layer: str, *, dataset: str | os.PathLike[str] | None, rule: str,
+                scheduler: str, use_cache: bool | str, batch_size: int | None,
+                sets_per_batch: int | None, device: str | None) -> tuple[AblationStudy, Any]:
+    """The run's model, dataset and layer cache as an AblationStudy with no labels yet."""
+    from dissect.data import IMAGENET_MEAN, IMAGENET_STD, BrodenDataset
+    from dissect.record import (
+        CacheReader,
+        cache_path,
+        load_model,
+        open_cache,
+        resolve_device,
+        weights_hash,
+    )
+    from dissect.run import read_run
+
+    config = read_run(run_dir).get("config", {})
+    for key in ("model", "dataset"):
+        if not config.get(key):
+            raise CacheError(f"{run_dir / 'run.json'}: config has no {key!r}")
+    model = load_model(config["model"], config.get("weights"), config.get("num_classes"))
+    find_module(model, layer)
+    device_name = str(resolve_device(device if device is not None else config.get("device")))
+    model = model.to(device_name)
+    data = BrodenDataset(dataset if dataset is not None else config["dataset"])
+    mean = tuple(config.get("mean") or IMAGENET_MEAN)
+    std = tuple(config.get("std") or IMAGENET_STD)
+    resize = tuple(config["resize"]) if config.get("resize") else None
+
+    reader = None
+    path = cache_path(run_dir, layer)
+    if use_cache is True or rule == "mean" or path.is_file():
+        info = open_cache(path)  # CacheError when missing or incomplete
+        if info.n_images != len(data):
+            raise CacheError(f"cache {path} holds {info.n_images} images but the dataset "
+                             f"{data.root} has {len(data)}; record the layer on this dataset")
+        check_cache_matches(info, {
+            "weights": weights_hash(model), "dataset": data.fingerprint(),
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "resize": list(resize) if resize is not None else None})
+        reader = CacheReader(path)
+    means = compute_unit_means(reader) if rule == "mean" and reader is not None else None
+    study = AblationStudy(model, layer, np.full(len(data), -1, np.int64), (),
+                          images=DatasetImages(data, mean, std, resize),
+                          activations=reader if use_cache is not False else None, rule=rule,
+                          means=means, batch_size=int(batch_size or config.get("batch_size") or 32),
+                          sets_per_batch=sets_per_batch, scheduler=scheduler, device=device_name,
+                          use_suffix=use_cache)
+    return study, data
