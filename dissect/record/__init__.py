@@ -1,0 +1,69 @@
+"""Recording layer activations into the activation cache (DESIGN.md §4a).
+
+- :func:`load_model` builds a model from a spec (torchvision name, ``module:callable``, TorchScript
+  file) through a registry of model sources (:func:`register_model_source`) and loads weights;
+- :func:`list_layers` / :func:`layer_table` discover layer names, :func:`format_layers` /
+  :func:`describe_layers` write the ``dissect layers`` listing;
+- :func:`resolve_layers` expands names and wildcards, :class:`LayerRecorder` hooks them;
+- :func:`record_activations` runs the model once over a dataset and writes one cache per layer;
+- :func:`open_cache` and :class:`CacheReader` read the caches.
+"""
+
+from __future__ import annotations
+
+from dissect.record.cache import (
+    CACHE_DTYPES,
+    COMPRESSIONS,
+    SCHEMA_VERSION,
+    CacheInfo,
+    CacheReader,
+    cache_path,
+    open_cache,
+    outputs_path,
+)
+from dissect.record.models import (
+    LayerRow,
+    ModelSource,
+    describe_layers,
+    format_layer_table,
+    format_layers,
+    layer_table,
+    list_layers,
+    load_model,
+    load_weights,
+    model_sources,
+    register_model_source,
+    weights_hash,
+)
+from dissect.record.recorder import AUTOCAST_DTYPES, record_activations, resolve_device
+from dissect.record.trace import LAYOUTS, LayerRecorder, LayoutOptions, resolve_layers
+
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "CACHE_DTYPES",
+    "COMPRESSIONS",
+    "LAYOUTS",
+    "SCHEMA_VERSION",
+    "CacheInfo",
+    "CacheReader",
+    "LayerRecorder",
+    "LayerRow",
+    "LayoutOptions",
+    "ModelSource",
+    "cache_path",
+    "describe_layers",
+    "format_layer_table",
+    "format_layers",
+    "layer_table",
+    "list_layers",
+    "load_model",
+    "load_weights",
+    "model_sources",
+    "open_cache",
+    "outputs_path",
+    "record_activations",
+    "register_model_source",
+    "resolve_device",
+    "resolve_layers",
+    "weights_hash",
+]

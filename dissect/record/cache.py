@@ -1,0 +1,497 @@
+"""The activation cache: one HDF5 file per layer (DESIGN.md §4a).
+
+``run_dir/cache/<layer>.h5`` holds
+
+- ``acts`` (N, U, h, w) float16 (or float32), chunks (B, Ub, h, w) of 0.5-4 MB aligned with the
+  write batch B (see :func:`choose_chunks`), no compression by default (``lzf``/``gzip`` options);
+- ``amax`` (N, U) float32, the spatial max of every image and unit;
+- ``done`` (n_blocks,) bool, one flag per write block of B images;
+- attributes ``fingerprint`` (JSON of the fields in :func:`fingerprint_fields`), ``schema_version``,
+  ``n_written`` (images written), ``complete``.
+
+``run_dir/cache/outputs.h5`` holds ``logits`` (N, C) float32 with the same attributes.
+
+Files are written as ``<name>.h5.partial``; each block's data is flushed before its ``done`` flag,
+``complete`` is set last and the file is then renamed into place. Readers use
+:class:`CacheReader`, a small picklable object holding only (path, dataset name).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from dissect.errors import CacheError, OptionError
+
+SCHEMA_VERSION = 1
+#: Chunk size bounds in bytes (DESIGN §4a: 0.5 to 4 MB).
+CHUNK_MIN_BYTES = 512 * 1024
+CHUNK_MAX_BYTES = 4 * 1024 * 1024
+#: Allowed ``dtype`` and ``compression`` values.
+CACHE_DTYPES = ("float16", "float32")
+COMPRESSIONS = (None, "lzf", "gzip")
+#: Largest finite float16 magnitude.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+OUTPUTS_NAME = "outputs"
+PARTIAL_SUFFIX = ".partial"
+_RECORD_HINT = "run `dissect record` (or dissect.record.record_activations) to create it"
+
+
+def cache_path(run_dir: str | os.PathLike[str], layer: str) -> Path:
+    """``run_dir/cache/<layer>.h5`` (``/`` and ``\\`` in a layer name become ``_``)."""
+    safe = layer.replace("/", "_").replace("\\", "_")
+    return Path(run_dir) / "cache" / f"{safe}.h5"
+
+
+def outputs_path(run_dir: str | os.PathLike[str]) -> Path:
+    """``run_dir/cache/outputs.h5``, the model outputs (logits) of the dataset."""
+    return Path(run_dir) / "cache" / f"{OUTPUTS_NAME}.h5"
+
+
+def partial_path(path: str | os.PathLike[str]) -> Path:
+    """The file a cache is written to before it is complete: ``<path>.partial``."""
+    return Path(f"{os.fspath(path)}{PARTIAL_SUFFIX}")
+
+
+# --------------------------------------------------------------------------- layout
+def choose_chunks(shape: Sequence[int], batch_size: int, itemsize: int) -> tuple[int, ...]:
+    """HDF5 chunk shape for an (N, U, ...) dataset written B = ``batch_size`` rows at a time.
+
+    If a whole block (B, U, ...) is at most 4 MB, chunks hold k blocks (k >= 1, the fewest that
+    reach 0.5 MB, at most N rows); otherwise units are split into the fewest even groups Ub that
+    keep (B, Ub, ...) within 4 MB, and if one unit of a block is still larger, rows are split to a
+    divisor of B. Every chunk row range therefore lies within one block or holds whole blocks.
+    """
+    n_rows, n_units, *rest = (int(v) for v in shape)
+    per_unit = itemsize * math.prod(rest)
+    rows = min(batch_size, n_rows)
+    if rows * n_units * per_unit <= CHUNK_MAX_BYTES:
+        blocks = max(1, math.ceil(CHUNK_MIN_BYTES / max(1, rows * n_units * per_unit)))
+        return (max(1, min(blocks * rows, n_rows)), max(1, n_units), *rest)
+    max_units = CHUNK_MAX_BYTES // (rows * per_unit)
+    if max_units >= 1:
+        groups = math.ceil(n_units / max_units)
+        return (rows, math.ceil(n_units / groups), *rest)
+    divisors = [d for d in range(1, rows + 1) if rows % d == 0 and d * per_unit <= CHUNK_MAX_BYTES]
+    return (max(divisors, default=1), 1, *rest)
+
+
+def block_range(block: int, batch_size: int, n_rows: int) -> tuple[int, int]:
+    """Rows [start, stop) of write block ``block``."""
+    start = block * batch_size
+    return start, min(start + batch_size, n_rows)
+
+
+def n_blocks(n_rows: int, batch_size: int) -> int:
+    """Number of write blocks of ``batch_size`` rows covering ``n_rows`` rows."""
+    return max(1, math.ceil(n_rows / batch_size))
+
+
+# --------------------------------------------------------------------------- fingerprint
+def fingerprint_fields(*, weights: str, model: str, layer: str, dataset: str,
+                       mean: Sequence[float], std: Sequence[float], resize: Any, dtype: str,
+                       version: str, batch_size: int, **extra: Any) -> dict[str, Any]:
+    """The fields a cache depends on, as a JSON-ready dict (stored as attribute ``fingerprint``).
+
+    ``weights`` is the sha256 of the model's state_dict, ``model`` the model spec, ``dataset`` the
+    dataset fingerprint, ``mean``/``std``/``resize`` the preprocessing, ``batch_size`` decides the
+    write blocks; ``extra`` fields (e.g. autocast, output layout) are added as given.
+    """
+    fields = {"weights": weights, "model": model, "layer": layer, "dataset": dataset,
+              "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+              "resize": list(resize) if resize is not None else None, "dtype": dtype,
+              "version": version, "batch_size": int(batch_size)}
+    fields.update(extra)
+    return json.loads(json.dumps(fields))  # normalise tuples -> lists, exactly as stored
+
+
+def changed_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Names of fingerprint fields whose values differ (or exist on one side only), sorted."""
+    return sorted(k for k in set(stored) | set(wanted)
+                  if k not in stored or k not in wanted or stored[k] != wanted[k])
+
+
+def _describe_changes(stored: Mapping[str, Any], wanted: Mapping[str, Any],
+                      changed: Sequence[str]) -> str:
+    def short(value: Any) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return ", ".join(f"{k} ({short(stored.get(k))} -> {short(wanted.get(k))})" for k in changed)
+
+
+def read_fingerprint(file: h5py.File) -> dict[str, Any]:
+    """The fingerprint dict of an open cache file ({} when absent or unreadable)."""
+    try:
+        return json.loads(file.attrs.get("fingerprint", "{}"))
+    except (TypeError, ValueError):
+        return {}
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class CacheInfo:
+    """What :func:`open_cache` reports about a complete cache file.
+
+    ``n_units``, ``height`` and ``width`` describe ``acts`` (N, U, h, w); for ``outputs.h5``
+    (``logits`` (N, C)) ``n_units`` is C and ``height = width = 1``. ``dtype`` is the stored dtype
+    name (``'float16'``/``'float32'``), ``name`` the main dataset.
+    """
+
+    path: Path
+    name: str
+    n_images: int
+    n_units: int
+    height: int
+    width: int
+    dtype: str
+    fingerprint: dict[str, Any] = field(repr=False)
+    attrs: dict[str, Any] = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the main dataset."""
+        if self.name == "logits":
+            return (self.n_images, self.n_units)
+        return (self.n_images, self.n_units, self.height, self.width)
+
+
+def _attr_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def open_cache(path: str | os.PathLike[str]) -> CacheInfo:
+    """Describe the complete cache file at ``path`` (a ``<layer>.h5`` or ``outputs.h5``).
+
+    Raises
+    ------
+    CacheError
+        When the file is missing, unreadable or incomplete (the message says to run
+        ``dissect record``, which also resumes an interrupted recording).
+    """
+    path = Path(path)
+    if not path.is_file():
+        if partial_path(path).exists():
+            raise CacheError(f"cache {path} is incomplete (the recording was interrupted: "
+                             f"{partial_path(path).name} exists); run `dissect record` again to "
+                             f"resume it")
+        raise CacheError(f"cache {path} does not exist; {_RECORD_HINT}")
+    try:
+        with h5py.File(path, "r") as file:
+            name = "acts" if "acts" in file else "logits" if "logits" in file else None
+            if name is None:
+                raise CacheError(f"cache {path} holds neither 'acts' nor 'logits'; it is not an "
+                                 f"activation cache. {_RECORD_HINT}")
+            attrs = {k: _attr_value(v) for k, v in file.attrs.items()}
+            if not attrs.get("complete", False):
+                raise CacheError(f"cache {path} is incomplete ({attrs.get('n_written', 0)} of "
+                                 f"{file[name].shape[0]} images written); run `dissect record` "
+                                 f"again to finish it")
+            shape = file[name].shape
+            dtype = str(file[name].dtype)
+            fingerprint = read_fingerprint(file)
+    except OSError as error:
+        raise CacheError(f"cannot read cache {path}: {error}; {_RECORD_HINT}") from error
+    height, width = (shape[2], shape[3]) if len(shape) == 4 else (1, 1)
+    return CacheInfo(path, name, int(shape[0]), int(shape[1]), int(height), int(width), dtype,
+                     fingerprint, attrs)
+
+
+class CacheReader:
+    """Picklable reader of one dataset of a cache file; holds only ``(path, name)``.
+
+    The file is opened for each read (cheap, and safe in threads, processes and on a
+    ``dask.distributed`` cluster). ``name`` is ``'acts'`` (N, U, h, w), ``'amax'`` (N, U) or
+    ``'logits'`` (N, C). Reads return float32 arrays.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], name: str = "acts") -> None:
+        self.path = Path(path)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"CacheReader({str(self.path)!r}, {self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CacheReader) and (self.path, self.name) == (other.path,
+                                                                             other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.name))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CacheReader, (str(self.path), self.name))
+
+    def _open(self) -> h5py.File:
+        try:
+            file = h5py.File(self.path, "r")
+        except (OSError, FileNotFoundError) as error:
+            raise CacheError(f"cannot read cache {self.path}: {error}; {_RECORD_HINT}") from error
+        if self.name not in file:
+            file.close()
+            raise CacheError(f"cache {self.path} has no dataset {self.name!r}")
+        return file
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the dataset, e.g. (N, U, h, w) for ``acts``."""
+        with self._open() as file:
+            return tuple(int(v) for v in file[self.name].shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as float32, e.g. (stop - start, U, h, w) for ``acts``."""
+        with self._open() as file:
+            data = file[self.name]
+            if not 0 <= start <= stop <= data.shape[0]:
+                raise OptionError(f"rows [{start}, {stop}) are outside cache {self.path} "
+                                  f"({data.shape[0]} rows)")
+            return data[start:stop].astype(np.float32, copy=False)
+
+    def read_rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows ``indices`` (any order, repeats allowed) as float32, in the order given."""
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        with self._open() as file:
+            data = file[self.name]
+            outside = index[(index < 0) | (index >= data.shape[0])]
+            if outside.size:
+                raise OptionError(f"row indices outside [0, {data.shape[0]}) for cache "
+                                  f"{self.path}: {outside[:5].tolist()}")
+            unique, inverse = np.unique(index, return_inverse=True)
+            out = np.empty((len(unique), *data.shape[1:]), dtype=np.float32)
+            # contiguous runs of the sorted unique rows are read as slices
+            breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+            position = 0
+            for run in np.split(unique, breaks) if unique.size else []:
+                out[position:position + len(run)] = data[int(run[0]):int(run[-1]) + 1]
+                position += len(run)
+        return out[inverse]
+
+
+# --------------------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One array of a cache file: name, full shape, dtype name, chunk shape (None: contiguous)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...] | None
+
+
+def layer_datasets(n_images: int, maps_shape: Sequence[int], dtype: str,
+                   batch_size: int) -> list[DatasetSpec]:
+    """``acts`` (N, U, h, w) ``dtype`` and ``amax`` (N, U) float32 for a layer cache."""
+    n_units, height, width = (int(v) for v in maps_shape)
+    shape = (n_images, n_units, height, width)
+    return [DatasetSpec("acts", shape, dtype,
+                        choose_chunks(shape, batch_size, np.dtype(dtype).itemsize)),
+            DatasetSpec("amax", (n_images, n_units), "float32",
+                        choose_chunks((n_images, n_units), batch_size, 4))]
+
+
+def output_datasets(n_images: int, n_outputs: int, batch_size: int) -> list[DatasetSpec]:
+    """``logits`` (N, C) float32 for ``outputs.h5``."""
+    shape = (n_images, n_outputs)
+    return [DatasetSpec("logits", shape, "float32", choose_chunks(shape, batch_size, 4))]
+
+
+def file_bytes(datasets: Sequence[DatasetSpec]) -> int:
+    """Uncompressed size of the datasets in bytes."""
+    return sum(math.prod(d.shape) * np.dtype(d.dtype).itemsize for d in datasets)
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """CacheError when the file system of ``directory`` has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise CacheError(f"not enough disk space in {directory} for the activation cache: "
+                         f"{needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; free space, "
+                         f"record fewer layers, use dtype float16 or choose another --out")
+
+
+def _raise_if_locked(path: Path, error: BaseException) -> None:
+    """CacheError when ``error`` says another process holds ``path`` open for writing."""
+    if "lock" in str(error).lower():
+        raise CacheError(f"cache {path} is being written by another process ({error}); wait for "
+                         f"it to finish or use another run directory") from error
+
+
+class CacheState:
+    """The on-disk state of one cache before recording: what exists and which blocks are done."""
+
+    def __init__(self, path: Path, fingerprint: Mapping[str, Any], n_rows: int,
+                 batch_size: int, force: bool) -> None:
+        self.path = path
+        self.partial = partial_path(path)
+        self.fingerprint = dict(fingerprint)
+        self.n_blocks = n_blocks(n_rows, batch_size)
+        self.complete = False
+        self.done = np.zeros(self.n_blocks, dtype=bool)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._inspect(force)
+
+    def _check(self, file: h5py.File, where: Path) -> bool:
+        """True when ``file`` may be reused; raises CacheError on a fingerprint mismatch."""
+        stored = read_fingerprint(file)
+        changed = changed_fields(stored, self.fingerprint)
+        if changed:
+            raise CacheError(
+                f"cache {where} was recorded with other settings; changed: "
+                f"{_describe_changes(stored, self.fingerprint, changed)}. Rerun with --force "
+                f"(force=True) to rebuild it, or use another run directory")
+        return file.attrs.get("schema_version") == SCHEMA_VERSION
+
+    def _inspect(self, force: bool) -> None:
+        if force:  # rebuild from scratch
+            for path in (self.path, self.partial):
+                if path.exists():
+                    path.unlink()
+            return
+        if self.path.exists():
+            try:
+                with h5py.File(self.path, "r") as file:
+                    reuse = self._check(file, self.path)
+                    complete = bool(file.attrs.get("complete", False))
+            except OSError as error:
+                _raise_if_locked(self.path, error)
+                reuse, complete = False, False  # unreadable: rebuild
+            if reuse and complete:
+                self.complete = True
+                self.done[:] = True
+                return
+            self.path.unlink()
+        if self.partial.exists():
+            try:
+                with h5py.File(self.partial, "r") as file:
+                    reuse = self._check(file, self.partial)
+                    done = np.asarray(file["done"][:], dtype=bool) if "done" in file else None
+                    shapes = {k: tuple(file[k].shape) for k in file if k != "done"}
+            except (OSError, KeyError) as error:
+                _raise_if_locked(self.partial, error)
+                reuse, done = False, None  # a partial killed mid-write: start it again
+            if reuse and done is not None and done.shape == self.done.shape:
+                self.done = done
+                self.shapes = shapes
+                return
+            self.partial.unlink()
+
+    @property
+    def needed_blocks(self) -> np.ndarray:
+        """int64 indices of the blocks still to write."""
+        return np.flatnonzero(~self.done)
+
+
+class CacheWriter:
+    """Writes one cache file block by block (``<path>.partial`` until :meth:`finish`).
+
+    Constructing it creates the partial file (or reopens the matching partial ``state`` found);
+    then :meth:`write_block` for every block still needed and :meth:`finish`; :meth:`close` keeps
+    the partial for a later resume.
+    """
+
+    def __init__(self, state: CacheState, datasets: Sequence[DatasetSpec], batch_size: int,
+                 compression: str | None = None) -> None:
+        self.state = state
+        self.datasets = {d.name: d for d in datasets}
+        self.batch_size = batch_size
+        self.n_rows = datasets[0].shape[0]
+        if state.shapes and state.shapes != {d.name: d.shape for d in datasets}:
+            raise CacheError(f"partial cache {state.partial} holds arrays of shapes "
+                             f"{state.shapes}, but this recording gives "
+                             f"{ {d.name: d.shape for d in datasets} }; rerun with --force")
+        resume = bool(state.shapes)
+        state.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(state.partial, "a" if resume else "w",
+                              rdcc_nbytes=4 * CHUNK_MAX_BYTES)
+        try:
+            if not resume:
+                self._create(compression)
+            self._arrays = {name: self.file[name] for name in (*self.datasets, "done")}
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _create(self, compression: str | None) -> None:
+        for spec in self.datasets.values():
+            self.file.create_dataset(spec.name, shape=spec.shape, dtype=spec.dtype,
+                                     chunks=spec.chunks, compression=compression)
+        self.file.create_dataset("done", data=np.zeros(self.state.n_blocks, dtype=bool))
+        self.file.attrs["fingerprint"] = json.dumps(self.state.fingerprint, sort_keys=True)
+        self.file.attrs["schema_version"] = SCHEMA_VERSION
+        self.file.attrs["n_written"] = 0
+        self.file.attrs["complete"] = False
+        self.file.flush()
+
+    def write_block(self, block: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write block ``block``'s rows of every dataset, flush, then mark it done and flush."""
+        start, stop = block_range(block, self.batch_size, self.n_rows)
+        for name, array in arrays.items():
+            if array.shape[0] != stop - start:
+                raise CacheError(f"block {block} of {self.state.partial}: got {array.shape[0]} "
+                                 f"rows for {name!r}, expected {stop - start}")
+            self._arrays[name][start:stop] = array
+        self.file.flush()
+        self._arrays["done"][block] = True
+        self.state.done[block] = True
+        self.file.attrs["n_written"] = self.n_written
+        self.file.flush()
+
+    @property
+    def n_written(self) -> int:
+        """Images in the blocks marked done."""
+        return int(sum(min(self.batch_size, self.n_rows - b * self.batch_size)
+                       for b in np.flatnonzero(self.state.done)))
+
+    @property
+    def all_done(self) -> bool:
+        """Whether every block is written."""
+        return bool(self.state.done.all())
+
+    def finish(self) -> Path:
+        """Set ``complete``, close and rename the partial into place; returns the final path."""
+        if not self.all_done:
+            raise CacheError(f"cache {self.state.partial} is missing blocks "
+                             f"{self.state.needed_blocks[:5].tolist()}; cannot finish it")
+        self.file.attrs["complete"] = True
+        self.file.close()
+        os.replace(self.state.partial, self.state.path)
+        self.state.complete = True
+        return self.state.path
+
+    def close(self) -> None:
+        """Close the file, keeping the partial (for a resume)."""
+        if self.file.id.valid:
+            self.file.close()
+
+
+def finish_partial(state: CacheState) -> Path:
+    """Mark a partial whose blocks are all done complete and rename it into place."""
+    with h5py.File(state.partial, "a") as file:
+        file.attrs["complete"] = True
+    os.replace(state.partial, state.path)
+    state.complete = True
+    return state.path
+
+
+def check_options(dtype: str, compression: str | None) -> None:
+    """OptionError for a ``dtype`` / ``compression`` not in :data:`CACHE_DTYPES` /
+    :data:`COMPRESSIONS`."""
+    if dtype not in CACHE_DTYPES:
+        raise OptionError(f"--dtype: got {dtype!r}, expected one of {', '.join(CACHE_DTYPES)}")
+    if compression not in COMPRESSIONS:
+        raise OptionError(f"compression: got {compression!r}, expected one of "
+                          f"{', '.join(str(c) for c in COMPRESSIONS)}")

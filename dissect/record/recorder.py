@@ -1,0 +1,379 @@
+"""``record_activations``: one pass of the model over a dataset, each layer to its own cache."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dissect.errors import ModelError, OptionError
+from dissect.record.cache import (
+    FLOAT16_MAX,
+    OUTPUTS_NAME,
+    CacheState,
+    CacheWriter,
+    DatasetSpec,
+    block_range,
+    cache_path,
+    check_free_space,
+    check_options,
+    finish_partial,
+    file_bytes,
+    fingerprint_fields,
+    layer_datasets,
+    output_datasets,
+    outputs_path,
+)
+from dissect.record.models import first_tensor, load_model, model_name, weights_hash
+from dissect.record.trace import LayerRecorder, LayoutOptions, layouts_for, resolve_layers
+
+#: Allowed values of the ``autocast`` option (None: no autocast).
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> ``cuda`` when available, else ``cpu``; strings are checked (OptionError)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise OptionError(f"--device: {device!r} is not a torch device ({error}); use cpu, cuda "
+                          f"or cuda:N") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device: {device!r} asked for, but CUDA is not available here; "
+                          f"use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None \
+            and resolved.index >= torch.cuda.device_count():
+        raise OptionError(f"--device: {device!r} does not exist; this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
+@dataclass(frozen=True)
+class StoredMaps:
+    """One layer's block as the hook stores it, on the model's device.
+
+    ``acts`` (B, U, h, w) in the cache dtype (the hook's copy), ``amax`` and ``amin`` (B, U)
+    float32: the spatial max / min of the layer's output before the dtype conversion (``amin``
+    only for float16, where it serves the range check; else None).
+    """
+
+    acts: torch.Tensor
+    amax: torch.Tensor
+    amin: torch.Tensor | None
+
+
+def store_maps(dtype: str) -> Callable[[str, torch.Tensor], StoredMaps]:
+    """A :class:`~dissect.record.LayerRecorder` ``store`` converting to ``dtype`` in its copy."""
+    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+
+    def store(layer: str, maps: torch.Tensor) -> StoredMaps:
+        acts = maps.to(torch_dtype, memory_format=torch.contiguous_format, copy=True)
+        amin = maps.amin(dim=(2, 3)).float() if dtype == "float16" else None
+        return StoredMaps(acts, maps.amax(dim=(2, 3)).float(), amin)
+    return store
+
+
+def check_float16_range(amax: np.ndarray, amin: np.ndarray, layer: str, start: int) -> None:
+    """OptionError when a map's finite spatial max or min lies outside +-65504 (float16).
+
+    ``amax``, ``amin`` (B, U) are the spatial extremes before conversion; ``start`` is the first
+    image of the block (for the message). A map holding an infinity hides other values there.
+    """
+    peak = np.maximum(np.abs(amax), np.abs(amin))
+    beyond = np.isfinite(peak) & (peak > FLOAT16_MAX)
+    if beyond.any():
+        image, unit = (int(v) for v in np.argwhere(beyond)[0])
+        raise OptionError(
+            f"--dtype float16: layer {layer!r} has the value {float(peak[image, unit]):.6g} "
+            f"(image {start + image}, unit {unit}), outside the float16 range "
+            f"+-{FLOAT16_MAX:g}; record it with --dtype float32 (dtype='float32', with --force to "
+            f"replace the partial cache)")
+
+
+def cache_arrays(stored: StoredMaps, dtype: str, layer: str, start: int
+                 ) -> dict[str, np.ndarray]:
+    """Cache arrays of one block: ``acts`` (B, U, h, w) ``dtype`` and ``amax`` (B, U) float32."""
+    amax = stored.amax.cpu().numpy()
+    if stored.amin is not None:
+        check_float16_range(amax, stored.amin.cpu().numpy(), layer, start)
+    return {"acts": stored.acts.cpu().numpy(), "amax": amax}
+
+
+def logits_array(output: Any) -> np.ndarray:
+    """(B, C) float32 model outputs (the first element of a tuple output)."""
+    tensor = first_tensor(output)
+    if tensor is None or tensor.dim() != 2:
+        shape = tuple(tensor.shape) if tensor is not None else type(output).__name__
+        raise ModelError(f"logits=True needs a model output of shape (B, C); the model returned "
+                         f"{shape}")
+    return tensor.detach().float().cpu().numpy()
+
+
+@contextlib.contextmanager
+def prepared_model(model: nn.Module, device: torch.device, channels_last: bool
+                   ) -> Iterator[nn.Module]:
+    """The model in eval mode on ``device`` (channels_last optional); modes and device restored."""
+    modes = {module: module.training for module in model.modules()}
+    reference = next(iter(model.parameters()), next(iter(model.buffers()), None))
+    original_device = reference.device if reference is not None else None
+    try:
+        model.eval()
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        yield model
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        if original_device is not None:
+            model.to(original_device)
+        for module, mode in modes.items():
+            module.train(mode)
+
+
+def _open_dataset(dataset: Any) -> Any:
+    if isinstance(dataset, (str, os.PathLike)):
+        from dissect.data import BrodenDataset
+
+        return BrodenDataset(dataset)
+    return dataset
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise OptionError(f"--batch-size: expected a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def record_activations(
+    model: nn.Module | str,
+    dataset: Any,
+    layers: str | Sequence[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize: int | Sequence[int] | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    dtype: str = "float16",
+    logits: bool = False,
+    force: bool = False,
+    compression: str | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    model_spec: str | None = None,
+    autocast: str | None = None,
+    channels_last: bool = False,
+    layout: LayoutOptions | Mapping[str, LayoutOptions] | None = None,
+) -> dict[str, Path]:
+    """Record ``layers`` of ``model`` on every image of ``dataset`` into ``run_dir/cache``.
+
+    One pass of the model over the images (one set of forward hooks) writes each layer to its own
+    file ``run_dir/cache/<layer>.h5`` (DESIGN.md §4a): ``acts`` (N, U, h, w) in ``dtype``,
+    ``amax`` (N, U) float32, ``done`` flags per block of ``batch_size`` images. Row n is image n of
+    ``dataset``. A rerun skips complete caches and resumes partial ones from their done blocks; a
+    cache recorded with other settings raises CacheError naming the changed fingerprint fields,
+    unless ``force`` (then every cache of the call is rebuilt).
+
+    Parameters
+    ----------
+    model:
+        An ``nn.Module`` or a model spec for :func:`~dissect.record.load_model` (no weights). It is
+        run in eval mode on ``device``; its train/eval modes and device are restored afterwards.
+    dataset:
+        A :class:`~dissect.data.BrodenDataset` or the path of a dataset directory.
+    layers:
+        Layer names or wildcard patterns (:func:`~dissect.record.resolve_layers`).
+    run_dir:
+        The run directory; caches go to ``run_dir/cache``.
+    mean, std:
+        Normalisation on the 0..1 RGB scale (three values each).
+    resize:
+        None (images at their stored size), S or (H, W).
+    batch_size:
+        Images per forward pass and per cache write block B.
+    device:
+        None (CUDA when available, else CPU), ``'cpu'``, ``'cuda'``, ``'cuda:N'``.
+    dtype:
+        ``'float16'`` (default; a finite value beyond +-65504 raises OptionError) or ``'float32'``.
+    logits:
+        Also write the model outputs (N, C) float32 to ``run_dir/cache/outputs.h5``.
+    force:
+        Rebuild the caches of this call even when they exist.
+    compression:
+        None (default), ``'lzf'`` or ``'gzip'``.
+    num_workers:
+        Image decoding worker processes (None: :func:`dissect.data.make_loader`'s default).
+    progress:
+        Show a tqdm progress bar (images/s) on stderr.
+    model_spec:
+        The spec string the model was built from (fingerprint field ``model``); default: the
+        model's class name.
+    autocast:
+        None, ``'bfloat16'`` or ``'float16'``: run the forward under ``torch.autocast``.
+    channels_last:
+        Convert the model and inputs to the channels_last memory format.
+    layout:
+        :class:`~dissect.record.LayoutOptions` for transformer tokens / channel-last outputs, for
+        all layers or as a mapping layer name -> options.
+
+    Returns
+    -------
+    dict
+        Layer name -> path of its complete cache file (outputs.h5 is
+        :func:`~dissect.record.outputs_path`).
+
+    Raises
+    ------
+    LayerError, OptionError, CacheError, ModelError, DatasetError
+    """
+    from dissect import __version__
+    from dissect.data.loader import check_normalisation, check_resize, make_loader
+
+    check_options(dtype, compression)
+    batch_size = _check_batch_size(batch_size)
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise OptionError(f"autocast: got {autocast!r}, expected None or one of "
+                          f"{', '.join(AUTOCAST_DTYPES)}")
+    mean_t, std_t = check_normalisation(mean, std)
+    resize_t = check_resize(resize)
+    torch_device = resolve_device(device)
+    if isinstance(model, (str, os.PathLike)):
+        model_spec = model_spec or os.fspath(model)
+        model = load_model(os.fspath(model))
+    dataset = _open_dataset(dataset)
+    layers = resolve_layers(model, layers)
+    layouts = layouts_for(layers, layout)
+    if logits and OUTPUTS_NAME in layers:
+        raise OptionError(f"layer {OUTPUTS_NAME!r} would share its cache file with the model "
+                          f"outputs (logits=True); record it in another run directory")
+    n_images = len(dataset)
+    if n_images == 0:
+        raise OptionError(f"dataset {getattr(dataset, 'root', dataset)} has no images to record")
+
+    common = dict(weights=weights_hash(model), model=model_spec or model_name(model),
+                  dataset=dataset.fingerprint(), mean=mean_t, std=std_t, resize=resize_t,
+                  version=__version__, batch_size=batch_size, autocast=autocast)
+    states = {layer: CacheState(cache_path(run_dir, layer),
+                                fingerprint_fields(layer=layer, dtype=dtype,
+                                                   layout=layouts[layer].as_dict(), **common),
+                                n_images, batch_size, force)
+              for layer in layers}
+    output_state = CacheState(outputs_path(run_dir),
+                              fingerprint_fields(layer=OUTPUTS_NAME, dtype="float32", **common),
+                              n_images, batch_size, force) if logits else None
+    for state in [*states.values(), *([output_state] if output_state is not None else [])]:
+        if not state.complete and state.needed_blocks.size == 0:
+            finish_partial(state)  # killed after its last block, before it was renamed
+    todo = {layer: state for layer, state in states.items() if not state.complete}
+    if output_state is not None and not output_state.complete:
+        todo[OUTPUTS_NAME] = output_state
+    if todo:
+        _record_pass(model, dataset, todo, states, output_state, make_loader=make_loader,
+                     mean=mean_t, std=std_t, resize=resize_t, batch_size=batch_size,
+                     device=torch_device, dtype=dtype, compression=compression,
+                     num_workers=num_workers, progress=progress, autocast=autocast,
+                     channels_last=channels_last, layouts=layouts)
+    return {layer: state.path for layer, state in states.items()}
+
+
+def _record_pass(model: nn.Module, dataset: Any, todo: Mapping[str, CacheState],
+                 states: Mapping[str, CacheState], output_state: CacheState | None, *,
+                 make_loader: Any, mean: Sequence[float], std: Sequence[float],
+                 resize: tuple[int, int] | None, batch_size: int, device: torch.device,
+                 dtype: str, compression: str | None, num_workers: int | None, progress: bool,
+                 autocast: str | None, channels_last: bool,
+                 layouts: Mapping[str, LayoutOptions]) -> None:
+    """Run the model once over the blocks any cache in ``todo`` still needs, writing each."""
+    from tqdm.auto import tqdm
+
+    n_images = len(dataset)
+    needed = np.zeros(next(iter(todo.values())).n_blocks, dtype=bool)
+    for state in todo.values():
+        needed |= ~state.done
+    blocks = np.flatnonzero(needed)
+    indices = np.concatenate([np.arange(*block_range(int(b), batch_size, n_images))
+                              for b in blocks])
+    hooked = [layer for layer in states if layer in todo]
+    loader = make_loader(dataset, mean=mean, std=std, resize=resize, batch_size=batch_size,
+                         num_workers=num_workers, pin_memory=device.type == "cuda",
+                         indices=indices)
+    writers: dict[str, CacheWriter] = {}
+    bar = tqdm(total=len(indices), unit="img", desc="record", disable=not progress,
+               leave=False, smoothing=0.1)
+    try:
+        recorder = LayerRecorder(model, hooked, {k: layouts[k] for k in hooked},
+                                 store_maps(dtype)) if hooked else None
+        with prepared_model(model, device, channels_last), \
+                recorder or contextlib.nullcontext(), torch.inference_mode():
+            for images, index in loader:
+                block = int(index[0]) // batch_size
+                start, stop = block_range(block, batch_size, n_images)
+                if int(index[0]) != start or len(index) != stop - start:
+                    raise RuntimeError(f"loader batch {index[:3].tolist()}... is not block "
+                                       f"{block} [{start}, {stop})")  # an internal bug
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[autocast]) if autocast
+                      else contextlib.nullcontext()):
+                    output = model(images)
+                maps = recorder.maps() if recorder is not None else {}
+                arrays: dict[str, dict[str, np.ndarray]] = {}
+                for layer in hooked:
+                    if not todo[layer].done[block]:
+                        arrays[layer] = cache_arrays(maps[layer], dtype, layer, start)
+                if output_state is not None and not output_state.done[block]:
+                    arrays[OUTPUTS_NAME] = {"logits": logits_array(output)}
+                if not writers:
+                    writers.update(_open_writers(todo, maps, output, n_images, batch_size,
+                                                 dtype, compression))
+                for name, block_arrays in arrays.items():
+                    writers[name].write_block(block, block_arrays)
+                bar.update(len(index))
+        for writer in writers.values():
+            writer.finish()
+    finally:
+        bar.close()
+        for writer in writers.values():
+            writer.close()
+
+
+def _open_writers(todo: Mapping[str, CacheState], maps: Mapping[str, StoredMaps],
+                  output: Any, n_images: int, batch_size: int, dtype: str,
+                  compression: str | None) -> dict[str, CacheWriter]:
+    """One writer per cache in ``todo`` (shapes from the first batch), after a disk-space check."""
+    specs: dict[str, list[DatasetSpec]] = {}
+    for name in todo:
+        if name == OUTPUTS_NAME and name not in maps:
+            tensor = first_tensor(output)
+            n_outputs = int(tensor.shape[1]) if tensor is not None and tensor.dim() == 2 else 0
+            specs[name] = output_datasets(n_images, n_outputs, batch_size)
+        else:
+            specs[name] = layer_datasets(n_images, tuple(maps[name].acts.shape[1:]), dtype,
+                                         batch_size)
+    needed = sum(file_bytes(spec) * len(todo[name].needed_blocks) // todo[name].n_blocks
+                 for name, spec in specs.items())
+    directory = next(iter(todo.values())).path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    check_free_space(directory, needed)
+    writers: dict[str, CacheWriter] = {}
+    try:
+        for name, spec in specs.items():
+            writers[name] = CacheWriter(todo[name], spec, batch_size, compression)
+    except BaseException:
+        for writer in writers.values():
+            writer.close()
+        raise
+    return writers
+

@@ -1,0 +1,176 @@
+"""The activation cache file: chunk layout, writer/resume state, readers, open_cache."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from dissect.errors import CacheError, OptionError
+from dissect.record import CacheReader, cache_path, open_cache, outputs_path
+from dissect.record.cache import (
+    CHUNK_MAX_BYTES,
+    CHUNK_MIN_BYTES,
+    CacheState,
+    CacheWriter,
+    changed_fields,
+    choose_chunks,
+    fingerprint_fields,
+    layer_datasets,
+    partial_path,
+)
+
+FINGERPRINT = fingerprint_fields(weights="w0", model="m", layer="conv", dataset="d0",
+                                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resize=None,
+                                 dtype="float16", version="0.1.0", batch_size=4)
+
+
+def test_paths() -> None:
+    assert cache_path("/runs/a", "layer4.1.conv2") == Path("/runs/a/cache/layer4.1.conv2.h5")
+    assert cache_path("/runs/a", "odd/name") == Path("/runs/a/cache/odd_name.h5")
+    assert outputs_path("/runs/a") == Path("/runs/a/cache/outputs.h5")
+    assert partial_path(Path("/r/cache/x.h5")) == Path("/r/cache/x.h5.partial")
+
+
+@pytest.mark.parametrize("shape, batch, itemsize, expected", [
+    ((1000, 512, 7, 7), 32, 2, (32, 512, 7, 7)),        # 1.6 MB block: one block per chunk
+    ((1000, 64, 8, 8), 32, 2, (64, 64, 8, 8)),          # 256 KB block: two blocks reach 0.5 MB
+    ((40, 64, 8, 8), 32, 2, (40, 64, 8, 8)),            # never more rows than N
+    ((1000, 512, 56, 56), 32, 2, (32, 20, 56, 56)),     # 103 MB block: <= 20 units per 4 MB,
+                                                        # 26 groups -> ceil(512 / 26) = 20
+    ((1000, 100, 56, 56), 32, 4, (32, 10, 56, 56)),     # 40 MB block: 10 groups of 10 units
+    ((100, 3, 1024, 1024), 32, 4, (1, 1, 1024, 1024)),  # one map is 4 MB: rows split to 1
+    ((100, 3, 512, 512), 32, 4, (4, 1, 512, 512)),      # 1 MB map: 4 rows (a divisor of 32)
+    ((1000, 1000), 32, 4, (160, 1000)),                 # logits: 128 KB blocks, 5 per chunk
+])
+def test_choose_chunks(shape: tuple[int, ...], batch: int, itemsize: int,
+                       expected: tuple[int, ...]) -> None:
+    chunks = choose_chunks(shape, batch, itemsize)
+    assert chunks == expected
+
+
+def test_choose_chunks_bounds_and_alignment() -> None:
+    for n_units, side, batch in [(64, 56, 32), (512, 7, 16), (2048, 14, 64), (96, 28, 8),
+                                 (10, 3, 7), (768, 14, 50)]:
+        shape = (5000, n_units, side, side)
+        chunks = choose_chunks(shape, batch, 2)
+        size = np.prod(chunks) * 2
+        assert size <= CHUNK_MAX_BYTES
+        assert size >= CHUNK_MIN_BYTES or chunks[1:] == shape[1:] and chunks[0] % batch == 0
+        assert chunks[0] % batch == 0 or batch % chunks[0] == 0  # aligned with write blocks
+
+
+def test_changed_fields() -> None:
+    other = dict(FINGERPRINT, mean=[0.0, 0.5, 0.5], dtype="float32")
+    assert changed_fields(FINGERPRINT, other) == ["dtype", "mean"]
+    assert changed_fields(FINGERPRINT, dict(FINGERPRINT)) == []
+    assert changed_fields({"layer": "a"}, {"layer": "a", "autocast": None}) == ["autocast"]
+    assert FINGERPRINT["mean"] == [0.5, 0.5, 0.5] and FINGERPRINT["resize"] is None
+
+
+def write_cache(path: Path, acts: np.ndarray, batch: int = 4, blocks: list[int] | None = None,
+                finish: bool = True) -> CacheState:
+    state = CacheState(path, FINGERPRINT, len(acts), batch, force=False)
+    writer = CacheWriter(state, layer_datasets(len(acts), acts.shape[1:], "float16", batch), batch)
+    try:
+        for block in state.needed_blocks if blocks is None else blocks:
+            rows = slice(block * batch, (block + 1) * batch)
+            writer.write_block(int(block), {"acts": acts[rows],
+                                            "amax": acts[rows].max(axis=(2, 3))})
+        if finish:
+            writer.finish()
+    finally:
+        writer.close()
+    return state
+
+
+@pytest.fixture
+def acts() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(10, 3, 2, 5)).astype(np.float16)
+
+
+def test_write_open_and_read(tmp_path: Path, acts: np.ndarray) -> None:
+    path = cache_path(tmp_path, "conv")
+    write_cache(path, acts)
+    assert path.exists() and not partial_path(path).exists()
+    info = open_cache(path)
+    assert (info.name, info.shape, info.dtype) == ("acts", (10, 3, 2, 5), "float16")
+    assert info.fingerprint == FINGERPRINT
+    assert info.attrs["n_written"] == 10 and info.attrs["complete"] is True
+    reader = CacheReader(path)
+    assert reader.shape == (10, 3, 2, 5) and len(reader) == 10
+    part = reader.read(3, 7)
+    assert part.dtype == np.float32
+    np.testing.assert_array_equal(part, acts[3:7].astype(np.float32))
+    rows = reader.read_rows([9, 2, 3, 2, 0])
+    np.testing.assert_array_equal(rows, acts[[9, 2, 3, 2, 0]].astype(np.float32))
+    assert reader.read_rows([]).shape == (0, 3, 2, 5)
+    amax = CacheReader(path, "amax").read(0, 10)
+    np.testing.assert_array_equal(amax, acts.max(axis=(2, 3)).astype(np.float32))
+    with pytest.raises(OptionError, match=r"rows \[8, 11\) are outside"):
+        reader.read(8, 11)
+    with pytest.raises(OptionError, match="outside"):
+        reader.read_rows([10])
+    with pytest.raises(CacheError, match="no dataset 'logits'"):
+        CacheReader(path, "logits").read(0, 1)
+
+
+def test_reader_pickles_without_a_handle(tmp_path: Path, acts: np.ndarray) -> None:
+    path = cache_path(tmp_path, "conv")
+    write_cache(path, acts)
+    reader = CacheReader(path, "acts")
+    reader.read(0, 1)
+    assert vars(reader) == {"path": path, "name": "acts"}
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone == reader and hash(clone) == hash(reader)
+    np.testing.assert_array_equal(clone.read(0, 10), reader.read(0, 10))
+
+
+def test_partial_resume_state(tmp_path: Path, acts: np.ndarray) -> None:
+    path = cache_path(tmp_path, "conv")
+    write_cache(path, acts, blocks=[0, 2], finish=False)
+    assert not path.exists()
+    with pytest.raises(CacheError, match="incomplete.*interrupted.*dissect record"):
+        open_cache(path)
+    with h5py.File(partial_path(path)) as file:
+        assert file["done"][:].tolist() == [True, False, True]
+        assert file.attrs["n_written"] == 6  # blocks 0 and 2 (the last holds 2 images)
+    state = CacheState(path, FINGERPRINT, 10, 4, force=False)
+    assert state.needed_blocks.tolist() == [1]
+    write_cache(path, acts)  # resumes block 1 only
+    np.testing.assert_array_equal(CacheReader(path).read(0, 10), acts.astype(np.float32))
+    changed = dict(FINGERPRINT, dataset="d1")
+    with pytest.raises(CacheError, match=r"changed: dataset \(\"d0\" -> \"d1\"\)"):
+        CacheState(path, changed, 10, 4, force=False)
+    state = CacheState(path, changed, 10, 4, force=True)
+    assert not path.exists() and state.needed_blocks.tolist() == [0, 1, 2]
+
+
+def test_unreadable_partial_is_started_again(tmp_path: Path) -> None:
+    path = cache_path(tmp_path, "conv")
+    path.parent.mkdir(parents=True)
+    partial_path(path).write_bytes(b"\x89HDF killed mid-write")
+    state = CacheState(path, FINGERPRINT, 10, 4, force=False)
+    assert state.needed_blocks.tolist() == [0, 1, 2] and not partial_path(path).exists()
+
+
+def test_open_cache_errors(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="does not exist; run `dissect record`"):
+        open_cache(tmp_path / "cache" / "nope.h5")
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as file:
+        file["x"] = np.zeros(3)
+    with pytest.raises(CacheError, match="neither 'acts' nor 'logits'"):
+        open_cache(other)
+    with h5py.File(other, "w") as file:
+        file["acts"] = np.zeros((2, 1, 1, 1))
+        file.attrs["complete"] = False
+        file.attrs["n_written"] = 1
+    with pytest.raises(CacheError, match=r"incomplete \(1 of 2 images written\)"):
+        open_cache(other)
+    (tmp_path / "broken.h5").write_bytes(b"not hdf5")
+    with pytest.raises(CacheError, match="cannot read cache"):
+        open_cache(tmp_path / "broken.h5")
