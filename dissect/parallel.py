@@ -1,0 +1,348 @@
+"""Dask graphs of the dissection stage: map over image chunks of the cache, tree-reduce.
+
+Only graph building and scheduling live here; the array work is in :mod:`dissect.stats`. Every
+reduction is exact (integer sums, top-K merges), so results are bit-identical for any chunking
+and any scheduler (DESIGN.md §5).
+
+Schedulers (``--scheduler``): ``'threads'`` (default), ``'processes'``, ``'synchronous'``, or the
+``tcp://host:port`` address of a running ``dask.distributed`` scheduler, whose workers must be
+able to read the cache and the dataset at the same paths.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import dask
+import numpy as np
+import torch
+from dask.multiprocessing import initialize_worker_process
+
+from dissect.errors import DissectError, OptionError
+from dissect.stats import UNION_RULES, IoUCounts, TopKQuantile, count_iou
+
+__all__ = [
+    "SCHEDULERS",
+    "SchedulerSetup",
+    "check_scheduler",
+    "scheduler_context",
+    "default_chunk_size",
+    "image_chunks",
+    "tree_reduce",
+    "compute_thresholds",
+    "compute_counts",
+]
+
+SCHEDULERS: tuple[str, ...] = ("threads", "processes", "synchronous")
+_ALLOWED = "threads, processes, synchronous or tcp://host:port of a dask.distributed scheduler"
+
+# A chunk's activations (float32) and label maps (int64 on the compute device) stay under this.
+_CHUNK_BYTES = 48 * 1024 * 1024
+_MAX_CHUNK = 256
+_FAN_IN = 8
+
+
+class ActivationReader(Protocol):
+    """What the graphs need of :class:`dissect.record.CacheReader` (picklable)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class SegmentationSource(Protocol):
+    """What the graphs need of :class:`dissect.data.BrodenDataset` (picklable)."""
+
+    def load_segmentations(self, indices: Sequence[int] | range
+                           ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def check_scheduler(scheduler: str) -> str:
+    """Validate a ``--scheduler`` value; returns it. OptionError names the allowed values."""
+    if isinstance(scheduler, str):
+        if scheduler in SCHEDULERS:
+            return scheduler
+        if scheduler.startswith("tcp://"):
+            host, _, port = scheduler[len("tcp://"):].rpartition(":")
+            if host and port.isdigit():
+                return scheduler
+    raise OptionError(f"--scheduler: {scheduler!r} is not a scheduler; expected {_ALLOWED}")
+
+
+@dataclass(frozen=True)
+class SchedulerSetup:
+    """How to run a graph: keyword arguments for ``dask.compute`` and torch threads per task.
+
+    Tasks of the threads and processes pools use one torch thread each (the Dask workers are the
+    parallelism); the synchronous scheduler lets torch use every core; ``task_threads`` is None
+    where tasks should leave torch's thread count alone (distributed workers get
+    OMP_NUM_THREADS=1 from their nanny).
+    """
+
+    compute_kwargs: dict[str, Any] = field(default_factory=dict)
+    task_threads: int | None = None
+
+
+@contextmanager
+def scheduler_context(scheduler: str = "threads", num_workers: int | None = None, *,
+                      timeout: str = "20s") -> Iterator[SchedulerSetup]:
+    """Set up a scheduler for ``dask.compute`` and tear it down afterwards.
+
+    Parameters
+    ----------
+    scheduler:
+        ``'threads'``, ``'processes'``, ``'synchronous'`` or ``'tcp://host:port'``.
+    num_workers:
+        Workers of the threads/processes pools (default: one per CPU core); ignored by the
+        others.
+    timeout:
+        How long to try connecting to a distributed scheduler (a Dask time string).
+
+    Yields
+    ------
+    SchedulerSetup: use as ``dask.compute(graph, **setup.compute_kwargs)``, or pass it as the
+    ``scheduler`` of :func:`compute_thresholds` / :func:`compute_counts` to run several graphs on
+    one setup. ``'processes'`` starts one process pool for the block; for a distributed scheduler
+    a ``distributed.Client`` is connected for the block. Both are closed after it (a distributed
+    cluster itself is left running).
+
+    Raises
+    ------
+    OptionError
+        For an unknown scheduler; DissectError when a distributed scheduler cannot be reached.
+    """
+    name = check_scheduler(scheduler)
+    cores = os.cpu_count() or 1
+    if name == "synchronous":
+        yield SchedulerSetup({"scheduler": "synchronous"}, None)
+        return
+    if name in ("threads", "processes"):
+        workers = int(num_workers) if num_workers else cores
+        if workers < 1:
+            raise OptionError(f"num_workers: {num_workers!r} must be >= 1")
+        threads = 1        # parallelism comes from the Dask workers: one torch thread each
+        if name == "threads":
+            yield SchedulerSetup({"scheduler": "threads", "num_workers": workers}, threads)
+            return
+        # One process pool for every graph of the block (worker start-up is paid once).
+        context = multiprocessing.get_context(dask.config.get("multiprocessing.context", "spawn"))
+        with ProcessPoolExecutor(workers, mp_context=context,
+                                 initializer=initialize_worker_process) as pool:
+            yield SchedulerSetup({"scheduler": "processes", "pool": pool}, threads)
+        return
+    from distributed import Client
+
+    try:
+        client = Client(name, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError) as error:
+        raise DissectError(f"--scheduler: cannot connect to the dask scheduler at {name}: "
+                           f"{error}") from None
+    with client:
+        yield SchedulerSetup({"scheduler": client.get}, None)
+
+
+def _use_scheduler(scheduler: str | SchedulerSetup, num_workers: int | None
+                   ) -> Any:
+    """A context yielding ``scheduler`` itself when it is already a SchedulerSetup."""
+    if isinstance(scheduler, SchedulerSetup):
+        return nullcontext(scheduler)
+    return scheduler_context(scheduler, num_workers)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Use ``threads`` torch threads in the calling thread for the block (None: unchanged)."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def default_chunk_size(shape: Sequence[int], seg_size: tuple[int, int] = (0, 0),
+                       seg_layers: int = 4) -> int:
+    """Images per chunk: a chunk's arrays stay near 48 MB (at most 256 images), and a dataset
+    of 128 images or more makes at least 16 chunks (so the workers stay balanced).
+
+    Parameters
+    ----------
+    shape:
+        The cache's (N, U, h, w).
+    seg_size:
+        (sh, sw) of the label maps; seg_layers: expected pixel layers per image.
+    """
+    values = int(np.prod(shape[1:]))
+    per_image = 4 * values + 4 * seg_layers * int(seg_size[0]) * int(seg_size[1])
+    by_memory = max(1, min(_MAX_CHUNK, _CHUNK_BYTES // max(per_image, 1)))
+    by_balance = max(8, -(-int(shape[0]) // 16))
+    return int(min(by_memory, by_balance))
+
+
+def image_chunks(n_images: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] covering range(n_images) in chunks of ``chunk_size`` images."""
+    if int(chunk_size) < 1:
+        raise OptionError(f"chunk_size: {chunk_size!r} must be >= 1")
+    return [(start, min(start + int(chunk_size), n_images))
+            for start in range(0, n_images, int(chunk_size))]
+
+
+def tree_reduce(parts: list[Any], combine: Callable[..., Any], fan_in: int = _FAN_IN) -> Any:
+    """Reduce delayed ``parts`` with ``combine(*group)`` in a tree of the given fan-in."""
+    if not parts:
+        raise ValueError("tree_reduce needs at least one part")
+    level = 0
+    while len(parts) > 1:
+        parts = [dask.delayed(combine, pure=False)(*parts[i:i + fan_in],
+                                                   dask_key_name=f"reduce-{level}-{i}-"
+                                                                 f"{uuid.uuid4().hex}")
+                 for i in range(0, len(parts), fan_in)]
+        level += 1
+    return parts[0]
+
+
+def _merge_states(*states: TopKQuantile) -> TopKQuantile:
+    return states[0].merge(*states[1:])
+
+
+def _sum_counts(*counts: IoUCounts) -> IoUCounts:
+    total = counts[0]
+    for part in counts[1:]:
+        total = total + part
+    return total
+
+
+def _threshold_chunk(reader: ActivationReader, start: int, stop: int, quantile: float,
+                     n_values: int, threads: int | None) -> TopKQuantile:
+    with _torch_threads(threads):
+        acts = reader.read(start, stop)
+        state = TopKQuantile(acts.shape[1], quantile, n_values)
+        state.add(acts)
+    return state
+
+
+def _count_chunk(reader: ActivationReader, dataset: SegmentationSource, start: int, stop: int,
+                 thresholds: np.ndarray, primary: np.ndarray, n_categories: int, union: str,
+                 threads: int | None, device: str | None) -> IoUCounts:
+    with _torch_threads(threads):
+        acts = reader.read(start, stop)
+        seg, image_labels = dataset.load_segmentations(range(start, stop))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return count_iou(acts, seg, image_labels, thresholds, primary, n_categories,
+                         union=union, device=device)  # type: ignore[arg-type]
+
+
+def _wrap(value: Any, label: str) -> Any:
+    """A delayed leaf with a fixed name (no tokenizing of large objects)."""
+    return dask.delayed(value, name=f"{label}-{uuid.uuid4().hex}", traverse=False)
+
+
+def compute_thresholds(reader: ActivationReader, quantile: float, *,
+                       chunk_size: int | None = None, scheduler: str | SchedulerSetup = "threads",
+                       num_workers: int | None = None) -> np.ndarray:
+    """Per-unit (1 - quantile) quantile of a cached layer (DESIGN.md §3 step 1).
+
+    Parameters
+    ----------
+    reader:
+        Picklable reader of the cache (``dissect.record.CacheReader``): ``shape`` (N, U, h, w)
+        and ``read(start, stop)`` -> float32 rows.
+    quantile:
+        q in [0, 1].
+    chunk_size:
+        Images per task (default :func:`default_chunk_size`).
+    scheduler, num_workers:
+        See :func:`scheduler_context`; ``scheduler`` may also be a SchedulerSetup from it.
+
+    Returns
+    -------
+    float64 (U,): equal to ``numpy.quantile(acts[:, u].astype(float32), 1 - quantile)``.
+    """
+    shape = tuple(reader.shape)
+    n_images = shape[0]
+    if n_images == 0:
+        raise DissectError("cannot compute thresholds of a cache with no images")
+    n_values = int(np.prod(shape)) // shape[1] if len(shape) > 1 else n_images
+    size = chunk_size or default_chunk_size(shape)
+    with _use_scheduler(scheduler, num_workers) as setup:
+        source = _wrap(reader, "reader")
+        parts = [dask.delayed(_threshold_chunk, pure=False)(
+            source, start, stop, float(quantile), n_values, setup.task_threads,
+            dask_key_name=f"thresholds-{start}-{uuid.uuid4().hex}")
+            for start, stop in image_chunks(n_images, size)]
+        # fan-in 4: a merge holds 4 buffers of up to U x K values at once
+        (state,) = dask.compute(tree_reduce(parts, _merge_states, fan_in=4),
+                                **setup.compute_kwargs)
+    return state.result()
+
+
+def compute_counts(reader: ActivationReader, dataset: SegmentationSource,
+                   thresholds: np.ndarray, *, primary: np.ndarray | None = None,
+                   n_categories: int | None = None, union: str = "touched",
+                   chunk_size: int | None = None, scheduler: str | SchedulerSetup = "threads",
+                   num_workers: int | None = None, device: str | None = None) -> IoUCounts:
+    """IoU counts of a cached layer summed over the dataset (DESIGN.md §3 steps 2-3).
+
+    Parameters
+    ----------
+    reader:
+        Picklable cache reader (see :func:`compute_thresholds`); row n is dataset image n.
+    dataset:
+        Picklable ``BrodenDataset`` (``load_segmentations(range(start, stop))``).
+    thresholds:
+        (U,) float thresholds.
+    primary, n_categories:
+        int64 (L,) primary category per label (-1 none) and C; default the dataset's
+        ``vocab.primary`` and ``len(dataset.categories)``.
+    union:
+        ``'touched'``, ``'annotated'`` or ``'all'`` (see :func:`dissect.stats.count_iou`).
+    chunk_size, scheduler, num_workers:
+        See :func:`compute_thresholds`.
+    device:
+        Torch device for the chunk work; default CUDA when available in the task, else CPU.
+
+    Returns
+    -------
+    IoUCounts with label_area (L,), intersection (U, L), act_area (U, C) int64.
+    """
+    if union not in UNION_RULES:
+        raise OptionError(f"--union: {union!r} is not a union rule; expected one of "
+                          f"{', '.join(UNION_RULES)}")
+    if primary is None:
+        primary = dataset.vocab.primary  # type: ignore[attr-defined]
+    if n_categories is None:
+        n_categories = len(dataset.categories)  # type: ignore[attr-defined]
+    primary = np.asarray(primary, dtype=np.int64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    shape = tuple(reader.shape)
+    n_images = shape[0]
+    if len(thresholds) != shape[1]:
+        raise OptionError(f"--thresholds: {len(thresholds)} thresholds for a layer of "
+                          f"{shape[1]} units")
+    if n_images == 0:
+        return IoUCounts.zeros(shape[1], len(primary), int(n_categories))
+    seg_size = getattr(dataset, "seg_size", (0, 0))
+    size = chunk_size or default_chunk_size(shape, seg_size)
+    with _use_scheduler(scheduler, num_workers) as setup:
+        source = _wrap(reader, "reader")
+        data = _wrap(dataset, "dataset")
+        thresholds_d = _wrap(thresholds, "thresholds")
+        primary_d = _wrap(primary, "primary")
+        parts = [dask.delayed(_count_chunk, pure=False)(
+            source, data, start, stop, thresholds_d, primary_d, int(n_categories), union,
+            setup.task_threads, device, dask_key_name=f"counts-{start}-{uuid.uuid4().hex}")
+            for start, stop in image_chunks(n_images, size)]
+        (counts,) = dask.compute(tree_reduce(parts, _sum_counts), **setup.compute_kwargs)
+    return counts

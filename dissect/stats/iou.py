@@ -1,0 +1,444 @@
+"""Masks, IoU counts and best labels of Network Dissection (DESIGN.md §3 steps 2-5).
+
+Everything here is pure array code: arrays in, arrays out, no I/O, no printing. Functions that
+use torch take an optional ``device``; they never pick one themselves (default: the device of a
+torch input, else the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "UNION_RULES",
+    "IoUCounts",
+    "upsample_maps",
+    "threshold_below",
+    "count_iou",
+    "iou_from_counts",
+    "best_labels",
+]
+
+UnionRule = Literal["touched", "annotated", "all"]
+UNION_RULES: tuple[str, ...] = ("touched", "annotated", "all")
+
+# Upsampled maps are processed one image at a time, in batches of at most this many pixels
+# (8 MB of float32).
+_BATCH_VALUES = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True, eq=False)
+class IoUCounts:
+    """Additive IoU counts of one layer over some images (DESIGN.md §3 step 3).
+
+    Attributes
+    ----------
+    label_area:
+        int64 (L,): pixels carrying each label, over every pixel layer; an image-level label adds
+        sh * sw. Label 0 is always 0.
+    intersection:
+        int64 (U, L): mask pixels of unit u carrying label l (image-level label: the whole mask).
+    act_area:
+        int64 (U, C): mask pixels of unit u over the images that count for category c under the
+        union rule.
+
+    ``a + b`` sums two counts (associative and exact, so chunks may be summed in any order).
+    """
+
+    label_area: np.ndarray
+    intersection: np.ndarray
+    act_area: np.ndarray
+
+    @classmethod
+    def zeros(cls, n_units: int, n_labels: int, n_categories: int) -> IoUCounts:
+        """All-zero counts for U units, L labels and C categories."""
+        return cls(np.zeros(n_labels, np.int64), np.zeros((n_units, n_labels), np.int64),
+                   np.zeros((n_units, n_categories), np.int64))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(U, L, C)."""
+        return (self.intersection.shape[0], self.intersection.shape[1], self.act_area.shape[1])
+
+    def __add__(self, other: IoUCounts) -> IoUCounts:
+        if not isinstance(other, IoUCounts):
+            return NotImplemented
+        if self.shape != other.shape:
+            raise ValueError(f"cannot add IoUCounts of shapes (U, L, C) {self.shape} and "
+                             f"{other.shape}")
+        return IoUCounts(self.label_area + other.label_area,
+                         self.intersection + other.intersection,
+                         self.act_area + other.act_area)
+
+    def equals(self, other: IoUCounts) -> bool:
+        """True when every count is equal."""
+        return (self.shape == other.shape
+                and np.array_equal(self.label_area, other.label_area)
+                and np.array_equal(self.intersection, other.intersection)
+                and np.array_equal(self.act_area, other.act_area))
+
+
+def _device_of(array: np.ndarray | torch.Tensor, device: str | torch.device | None
+               ) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(array, torch.Tensor):
+        return array.device
+    return torch.device("cpu")
+
+
+def _as_tensor(array: np.ndarray | torch.Tensor, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.to(device=device, dtype=dtype)
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array).to(device=device, dtype=dtype)
+
+
+def upsample_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int]
+                  ) -> np.ndarray | torch.Tensor:
+    """Bilinear upsampling of activation maps with half-pixel centres and edge clamping.
+
+    ``torch.nn.functional.interpolate(mode='bilinear', align_corners=False)``, which equals PIL's
+    BILINEAR resize when enlarging. The result of one map does not depend on the batch it is in.
+
+    Parameters
+    ----------
+    maps:
+        (n, h, w) float array or tensor.
+    size:
+        (sh, sw), the target size.
+
+    Returns
+    -------
+    float32 (n, sh, sw): a NumPy array for NumPy input, a tensor (same device) for tensor input.
+    """
+    as_numpy = not isinstance(maps, torch.Tensor)
+    tensor = _as_tensor(maps, torch.float32, _device_of(maps, None))
+    if tensor.ndim != 3:
+        raise ValueError(f"maps must be (n, h, w), got shape {tuple(tensor.shape)}")
+    up = F.interpolate(tensor[:, None], size=(int(size[0]), int(size[1])), mode="bilinear",
+                       align_corners=False)[:, 0]
+    return up.numpy() if as_numpy else up
+
+
+def threshold_below(thresholds: np.ndarray) -> np.ndarray:
+    """float32 thresholds t32 with ``x > t32`` exactly when ``x > t`` for every float32 x.
+
+    Parameters
+    ----------
+    thresholds:
+        (U,) float thresholds t (float64 from a file, or float32 values from TopKQuantile).
+
+    Returns
+    -------
+    float32 (U,): t rounded down to float32 (t itself when it is a float32 value; NaN stays NaN).
+    """
+    exact = np.asarray(thresholds, dtype=np.float64)
+    with np.errstate(over="ignore"):              # beyond float32's range: +-inf, fixed below
+        below = exact.astype(np.float32)
+    too_high = below.astype(np.float64) > exact
+    below[too_high] = np.nextafter(below[too_high], np.float32(-np.inf))
+    return below
+
+
+def _mask_pixels(up: torch.Tensor, below: torch.Tensor, use_numpy: bool | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels of ``up > below`` for a batch of upsampled maps, returned to the host.
+
+    Parameters
+    ----------
+    up:
+        float32 (B, S) upsampled maps.
+    below:
+        float32 (B,) thresholds (see :func:`threshold_below`).
+
+    Returns
+    -------
+    (which (M,) int64 map index, pixel (M,) int64 flat pixel index, areas (B,) int64 mask sizes),
+    NumPy arrays in row-major order. ``use_numpy`` (default: on the CPU) has NumPy do the
+    comparison and the scan, several times faster than torch's CPU kernels for this; otherwise
+    torch does, on the tensors' device.
+    """
+    n_maps, area = up.shape
+    if use_numpy is None:
+        use_numpy = up.device.type == "cpu"
+    if use_numpy:
+        flat = np.flatnonzero(up.numpy() > below.numpy()[:, None])
+        which = flat // area
+        pixel = flat - which * area
+    else:
+        which_t, pixel_t = torch.nonzero(up > below[:, None], as_tuple=True)
+        which, pixel = which_t.cpu().numpy(), pixel_t.cpu().numpy()
+    return which, pixel, np.bincount(which, minlength=n_maps)
+
+
+def _label_counts(seg: np.ndarray, used_layers: np.ndarray, image_labels: np.ndarray,
+                  n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image pixel label counts (n, L) and image-level label counts (n, L), label 0 zeroed.
+
+    ``used_layers[i]`` layers of image i are read (the rest are zero padding).
+    """
+    n = seg.shape[0]
+    pixel_counts = np.zeros((n, n_labels), dtype=np.int64)
+    for i in range(n):
+        pixel_counts[i] = np.bincount(seg[i, :used_layers[i]].reshape(-1), minlength=n_labels)
+    image_rows, slots = np.nonzero(image_labels > 0)
+    level_counts = np.zeros((n, n_labels), dtype=np.int64)
+    np.add.at(level_counts, (image_rows, image_labels[image_rows, slots]), 1)
+    pixel_counts[:, 0] = 0
+    return pixel_counts, level_counts
+
+
+def _used_layers(seg: np.ndarray) -> np.ndarray:
+    """(n,) int64: per image, 1 + the index of its last layer holding any label (0 if none)."""
+    n, n_layers = seg.shape[:2]
+    if n_layers == 0:
+        return np.zeros(n, dtype=np.int64)
+    nonempty = seg.reshape(n, n_layers, -1).any(axis=2)
+    last = n_layers - np.argmax(nonempty[:, ::-1], axis=1)
+    return np.where(nonempty.any(axis=1), last, 0).astype(np.int64)
+
+
+def _pair_batches(pair_image: np.ndarray, n_images: int, max_maps: int
+                  ) -> list[tuple[int, int]]:
+    """[start, stop) ranges over image-major (image, unit) pairs: one image per batch, split
+    into batches of at most ``max_maps`` maps."""
+    bounds = np.searchsorted(pair_image, np.arange(n_images + 1)).tolist()
+    return [(first, min(first + max_maps, stop))
+            for start, stop in zip(bounds[:-1], bounds[1:])
+            for first in range(start, stop, max_maps)]
+
+
+def _weighted_count(codes: list[np.ndarray], weights: list[np.ndarray], size: int
+                    ) -> np.ndarray:
+    """int64 (size,): sum of ``weights`` per code (exact: float64 sums of integers < 2**53)."""
+    if not codes:
+        return np.zeros(size, dtype=np.int64)
+    total = np.bincount(np.concatenate(codes), weights=np.concatenate(weights).astype(
+        np.float64), minlength=size)
+    return np.rint(total).astype(np.int64)
+
+
+def count_iou(
+    acts: np.ndarray | torch.Tensor,
+    seg: np.ndarray | torch.Tensor,
+    image_labels: np.ndarray | torch.Tensor,
+    thresholds: np.ndarray,
+    primary: np.ndarray,
+    n_categories: int,
+    union: UnionRule = "touched",
+    device: str | torch.device | None = None,
+) -> IoUCounts:
+    """IoU counts of one chunk of images (DESIGN.md §3 steps 2-3).
+
+    For every (image, unit) whose map maximum exceeds the unit's threshold, the map is upsampled
+    to the segmentation size (:func:`upsample_maps`) and thresholded strictly
+    (``mask = up > threshold``); every other pair contributes nothing. The per-pixel work
+    (maxima, upsampling, thresholding) runs with torch on ``device``; the label bookkeeping of
+    the mask pixels (a few percent of the pixels) runs with NumPy on the host.
+
+    Parameters
+    ----------
+    acts:
+        (n, U, h, w) float activations (float16 values are used as float32).
+    seg:
+        (n, Lyr, sh, sw) integer label maps, zero-padded layers; 0 = no label. Every layer counts,
+        so a pixel labelled in two layers counts for both labels. Values must lie in [0, L).
+    image_labels:
+        (n, K) integer image-level labels, 0 = padding. Each entry covers the whole image.
+    thresholds:
+        (U,) float thresholds.
+    primary:
+        int64 (L,): primary category index of each label number, -1 for label 0 and labels of
+        no (selected) category.
+    n_categories:
+        C.
+    union:
+        Which images count in ``act_area[u, c]`` (the mask area term of the IoU union):
+        ``'touched'`` (default, NetDissect-Lite): some mask pixel carries a label of primary
+        category c, or the image has an image-level label of primary category c (per unit);
+        ``'annotated'``: the image has any label (pixel or image-level) of primary category c;
+        ``'all'``: every image.
+    device:
+        Torch device for the per-pixel work; default the device of ``acts`` when it is a
+        tensor, else the CPU.
+
+    Returns
+    -------
+    IoUCounts with label_area (L,), intersection (U, L), act_area (U, C), all int64 on the host.
+    Label 0 is never counted. ``label_area`` counts each image once, whatever the units.
+    """
+    if union not in UNION_RULES:
+        raise ValueError(f"union must be one of {', '.join(UNION_RULES)}, got {union!r}")
+    dev = _device_of(acts, device)
+    primary = np.asarray(primary, dtype=np.int64)
+    n_labels = len(primary)
+    n_cat = int(n_categories)
+    acts_t = _as_tensor(acts, torch.float32, dev)
+    seg = seg.cpu().numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
+    image_labels = (image_labels.cpu().numpy() if isinstance(image_labels, torch.Tensor)
+                    else np.asarray(image_labels)).astype(np.int64)
+    if acts_t.ndim != 4 or seg.ndim != 4 or image_labels.ndim != 2:
+        raise ValueError("count_iou needs acts (n, U, h, w), seg (n, Lyr, sh, sw) and "
+                         f"image_labels (n, K); got {tuple(acts_t.shape)}, {seg.shape}, "
+                         f"{image_labels.shape}")
+    n, n_units, h, w = acts_t.shape
+    _, n_layers, sh, sw = seg.shape
+    area = sh * sw
+    if seg.shape[0] != n or image_labels.shape[0] != n or len(thresholds) != n_units:
+        raise ValueError(f"count_iou: {n} images of {n_units} units need seg, image_labels and "
+                         f"thresholds for the same; got {seg.shape}, {image_labels.shape}, "
+                         f"{len(thresholds)} thresholds")
+    if n == 0:
+        return IoUCounts.zeros(n_units, n_labels, n_cat)
+
+    # Category of each label, with n_cat as a sink for label 0 and labels of no category.
+    category = np.where(primary >= 0, primary, n_cat)
+    category[0] = n_cat
+    onehot = np.zeros((n_labels, n_cat + 1), dtype=np.int64)
+    onehot[np.arange(n_labels), category] = 1
+
+    # -- labels of each image: label_area, and the categories images carry ----------------
+    used_layers = _used_layers(seg)                                                # (n,)
+    pixel_counts, level_counts = _label_counts(seg, used_layers, image_labels, n_labels)
+    label_area = pixel_counts.sum(0) + level_counts.sum(0) * area
+    level_categories = ((level_counts > 0).astype(np.int64) @ onehot) > 0        # (n, C+1)
+
+    # -- active (image, unit) pairs, processed in batches of upsampled maps --------------
+    below = torch.from_numpy(threshold_below(np.asarray(thresholds))).to(dev)
+    active = acts_t.reshape(n, n_units, h * w).amax(dim=2) > below
+    pair_image_t, pair_unit_t = torch.nonzero(active, as_tuple=True)            # image-major
+    pair_image, pair_unit = pair_image_t.cpu().numpy(), pair_unit_t.cpu().numpy()
+    mask_area = np.zeros((n, n_units), dtype=np.int64)
+    joint_codes, joint_counts, touched_codes, touched_areas = [], [], [], []
+    seg_images = np.ascontiguousarray(seg).reshape(n, n_layers, area)
+    for start, stop in _pair_batches(pair_image, n, max(1, _BATCH_VALUES // area)):
+        image = int(pair_image[start])                  # every batch holds one image's maps
+        units = pair_unit[start:stop]
+        n_maps = stop - start
+        maps = acts_t[image, pair_unit_t[start:stop]]                              # (B, h, w)
+        up = upsample_maps(maps, (sh, sw)).reshape(n_maps, area)
+        which, pixel, areas = _mask_pixels(up, below[pair_unit_t[start:stop]])   # (M,) (M,) (B,)
+        del up
+        mask_area[image, units] = areas
+        # Label of every mask pixel in every used layer (Lyr', M) -> label histogram per map.
+        codes = np.take(seg_images[image, :used_layers[image]], pixel, axis=1).astype(np.int64)
+        codes += which * n_labels
+        histogram = np.bincount(codes.reshape(-1), minlength=n_maps * n_labels).reshape(
+            n_maps, n_labels)
+        histogram[:, 0] = 0
+        map_index, label = np.nonzero(histogram)
+        joint_codes.append(units[map_index] * n_labels + label)
+        joint_counts.append(histogram[map_index, label])
+        if union == "touched":
+            touched = np.repeat(level_categories[image:image + 1], n_maps, axis=0)  # (B, C+1)
+            touched[map_index, category[label]] = True
+            map_hit, cat_hit = np.nonzero(touched[:, :n_cat])
+            touched_codes.append(units[map_hit] * n_cat + cat_hit)
+            touched_areas.append(areas[map_hit])
+
+    intersection = _weighted_count(joint_codes, joint_counts, n_units * n_labels).reshape(
+        n_units, n_labels)
+    # Image-level labels: the whole mask of the image counts for the label.
+    level_columns = np.flatnonzero(level_counts.sum(0))
+    if len(level_columns):
+        intersection[:, level_columns] += mask_area.T @ level_counts[:, level_columns]
+    if union == "touched":
+        act_area = _weighted_count(touched_codes, touched_areas, n_units * n_cat).reshape(
+            n_units, n_cat)
+    elif union == "all":
+        act_area = np.repeat(mask_area.sum(0)[:, None], n_cat, axis=1)
+    else:
+        present = ((pixel_counts > 0) | (level_counts > 0)).astype(np.int64)
+        image_categories = ((present @ onehot)[:, :n_cat] > 0).astype(np.int64)  # (n, C)
+        act_area = mask_area.T @ image_categories
+    return IoUCounts(label_area.astype(np.int64), intersection, act_area.astype(np.int64))
+
+
+def iou_from_counts(counts: IoUCounts, primary: np.ndarray) -> np.ndarray:
+    """IoU of every unit and label (DESIGN.md §3 step 4).
+
+    ``iou[u, l] = intersection[u, l] / (act_area[u, primary[l]] + label_area[l] -
+    intersection[u, l])``, and 0 where the denominator is 0, for label 0 and for labels whose
+    primary is -1.
+
+    Parameters
+    ----------
+    counts:
+        IoUCounts with label_area (L,), intersection (U, L), act_area (U, C).
+    primary:
+        int64 (L,) primary category index of each label, -1 for none.
+
+    Returns
+    -------
+    float64 (U, L).
+    """
+    primary = np.asarray(primary, dtype=np.int64)
+    n_units, n_labels, n_cat = counts.shape
+    if len(primary) != n_labels or (primary >= n_cat).any():
+        raise ValueError(f"primary must be (L={n_labels},) with values < C={n_cat}")
+    valid = primary >= 0
+    valid[0] = False
+    act = counts.act_area[:, np.where(valid, primary, 0)].astype(np.float64)
+    intersection = counts.intersection.astype(np.float64)
+    denominator = act + counts.label_area[None, :].astype(np.float64) - intersection
+    iou = np.zeros((n_units, n_labels), dtype=np.float64)
+    ok = (denominator > 0) & valid[None, :]
+    np.divide(intersection, denominator, out=iou, where=ok)
+    return iou
+
+
+def best_labels(iou: np.ndarray, primary: np.ndarray, n_categories: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Best label per unit and category, and per unit (DESIGN.md §3 step 5, NetDissect-Lite ties).
+
+    Per category c, the label of primary category c with the highest IoU, ties to the lowest
+    label number; a category in which no label has a positive IoU gets label 0 (no label) with
+    IoU 0, as NetDissect-Lite's argmax does. The unit's label is the best over categories, ties
+    to the earliest category.
+
+    Parameters
+    ----------
+    iou:
+        float64 (U, L).
+    primary:
+        int64 (L,) primary category index per label, -1 for none.
+    n_categories:
+        C.
+
+    Returns
+    -------
+    (cat_label int64 (U, C), cat_iou float64 (U, C), unit_label int64 (U,), unit_iou float64 (U,))
+    """
+    iou = np.asarray(iou, dtype=np.float64)
+    primary = np.asarray(primary, dtype=np.int64)
+    n_units = iou.shape[0]
+    cat_label = np.zeros((n_units, n_categories), dtype=np.int64)
+    cat_iou = np.zeros((n_units, n_categories), dtype=np.float64)
+    for c in range(n_categories):
+        members = np.flatnonzero(primary == c)
+        members = members[members > 0]
+        if len(members) == 0:
+            continue
+        sub = iou[:, members]
+        best = np.argmax(sub, axis=1)                 # first maximum: lowest label number
+        value = sub[np.arange(n_units), best]
+        positive = value > 0
+        cat_label[:, c] = np.where(positive, members[best], 0)
+        cat_iou[:, c] = np.where(positive, value, 0.0)
+    if n_categories:
+        best_cat = np.argmax(cat_iou, axis=1)         # first maximum: earliest category
+        unit_label = cat_label[np.arange(n_units), best_cat]
+        unit_iou = cat_iou[np.arange(n_units), best_cat]
+    else:
+        unit_label = np.zeros(n_units, np.int64)
+        unit_iou = np.zeros(n_units, np.float64)
+    return cat_label, cat_iou, unit_label, unit_iou

@@ -1,0 +1,182 @@
+"""Exact streaming quantiles per unit, from a mergeable top-K buffer (DESIGN.md §3 step 1)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["TopKQuantile", "quantile_positions"]
+
+
+def quantile_positions(n_values: int, level: float) -> tuple[int, int, float]:
+    """Where ``numpy.quantile(values, level)`` (method 'linear') reads a sorted array.
+
+    Parameters
+    ----------
+    n_values:
+        Number of values n >= 1.
+    level:
+        The quantile level in [0, 1] (for dissection, 1 - q).
+
+    Returns
+    -------
+    (previous, next, gamma):
+        0-based ascending positions of the two order statistics and the interpolation weight, as
+        numpy computes them: virtual index ``(n - 1) * level``, ``previous = floor``,
+        ``next = previous + 1``, ``gamma = virtual - previous``; both positions are ``n - 1``
+        when the virtual index is at or beyond the last value.
+    """
+    virtual = (n_values - 1) * float(level)
+    if virtual >= n_values - 1:
+        return n_values - 1, n_values - 1, float(virtual - math.floor(virtual))
+    previous = math.floor(virtual)
+    return previous, previous + 1, float(virtual - previous)
+
+
+class TopKQuantile:
+    """The exact ``(1 - quantile)`` quantile of every unit's values, computed in one pass.
+
+    The state is, per unit, a buffer with the K largest values seen so far, where K is just
+    enough to hold the two order statistics that numpy's linear interpolation reads when a unit
+    has ``n_values_per_unit`` values. The top K of a union of parts is the top K of the parts'
+    top K, so :meth:`merge` is exact and associative (ties included), and the result does not
+    depend on how the values were chunked or in which order states were merged.
+
+    Definition of the result: ``result()[u] == numpy.quantile(v, 1 - quantile)`` where ``v`` holds
+    every value added for unit u, cast to float32 (float16 inputs, as stored in the activation
+    cache, are cast to float32 exactly; float64 inputs are kept as float64). numpy computes the
+    interpolation in the array's dtype, so for float16/float32 inputs the threshold is the float32
+    value numpy returns, handed back as float64. NaN anywhere in a unit's values makes its result
+    NaN, as in numpy.
+
+    Parameters
+    ----------
+    n_units:
+        U, the number of units (axis 1 of the arrays given to :meth:`add`).
+    quantile:
+        q in [0, 1]: the fraction of values above the result (0.005 in Network Dissection).
+    n_values_per_unit:
+        The largest number of values any unit will receive (N * h * w for a layer); K is chosen
+        for it. Fewer values are fine; more raise ValueError.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> values = np.arange(40, dtype=np.float32).reshape(4, 2, 5)   # (n, U, ...)
+    >>> top = TopKQuantile(2, 0.25, n_values_per_unit=20)
+    >>> top.add(values[:1]); top.add(values[1:])
+    >>> top.result().tolist() == [float(np.quantile(values[:, u], 0.75)) for u in range(2)]
+    True
+    """
+
+    def __init__(self, n_units: int, quantile: float, n_values_per_unit: int) -> None:
+        if not 0.0 <= float(quantile) <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
+        if int(n_values_per_unit) < 1 or int(n_units) < 1:
+            raise ValueError("n_units and n_values_per_unit must be >= 1, got "
+                             f"{n_units!r} and {n_values_per_unit!r}")
+        self.n_units = int(n_units)
+        self.quantile = float(quantile)
+        self.level = 1.0 - self.quantile
+        self.capacity = int(n_values_per_unit)
+        previous, _, _ = quantile_positions(self.capacity, self.level)
+        # K = the values at ascending positions previous..n-1 (at least 2 when n allows it).
+        self.k = min(self.capacity, max(2, self.capacity - previous))
+        self.count = 0
+        self.buffer: np.ndarray | None = None        # (U, min(K, count)) float32/float64
+        self.has_nan = np.zeros(self.n_units, dtype=bool)
+
+    # -- accumulation ---------------------------------------------------------------------
+    def add(self, values: np.ndarray | torch.Tensor) -> None:
+        """Add a chunk of values.
+
+        Parameters
+        ----------
+        values:
+            (n, U, ...) array or tensor (any float dtype, any trailing shape): every value of
+            ``values[:, u]`` is one more value of unit u.
+        """
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+        values = np.asarray(values)
+        if values.ndim < 2 or values.shape[1] != self.n_units:
+            raise ValueError(f"values must be (n, {self.n_units}, ...), got {values.shape}")
+        if values.shape[0] == 0:
+            return
+        dtype = np.result_type(values.dtype, np.float32)
+        per_unit = np.ascontiguousarray(
+            np.moveaxis(values, 1, 0).reshape(self.n_units, -1), dtype=dtype)
+        self._count(per_unit.shape[1])
+        self.has_nan |= np.isnan(per_unit).any(axis=1)
+        self.buffer = self._top(per_unit if self.buffer is None else [self.buffer, per_unit])
+
+    def merge(self, *others: TopKQuantile) -> TopKQuantile:
+        """A new state holding the values of ``self`` and ``others`` (none is modified).
+
+        Several states are merged with one partition of their concatenated buffers.
+        """
+        merged = TopKQuantile(self.n_units, self.quantile, self.capacity)
+        merged.count = self.count
+        merged.has_nan = self.has_nan.copy()
+        for other in others:
+            if (other.n_units, other.quantile, other.capacity) != (
+                    self.n_units, self.quantile, self.capacity):
+                raise ValueError("cannot merge TopKQuantile states with different n_units, "
+                                 "quantile or n_values_per_unit")
+            merged._count(other.count)
+            merged.has_nan |= other.has_nan
+        buffers = [state.buffer for state in (self, *others) if state.buffer is not None]
+        merged.buffer = merged._top(buffers) if buffers else None
+        return merged
+
+    def _count(self, n_new: int) -> None:
+        if self.count + n_new > self.capacity:
+            raise ValueError(f"TopKQuantile was sized for {self.capacity} values per unit and "
+                             f"received {self.count + n_new}")
+        self.count += n_new
+
+    def _top(self, parts: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """The K largest values per unit of (U, m) arrays, as a (U, min(K, total m)) array."""
+        if isinstance(parts, list):
+            dtype = np.result_type(*parts)
+            pool = parts[0] if len(parts) == 1 else np.concatenate(
+                [part.astype(dtype, copy=False) for part in parts], axis=1)
+        else:
+            pool = parts
+        width = pool.shape[1]
+        if width > self.k:
+            # NaN sorts last in np.partition: a unit with NaN keeps it (its result is NaN).
+            pool = np.partition(pool, width - self.k, axis=1)[:, width - self.k:]
+        return np.ascontiguousarray(pool)
+
+    # -- result ----------------------------------------------------------------------------
+    def result(self) -> np.ndarray:
+        """(U,) float64: the (1 - quantile) quantile of every unit's values (see class doc)."""
+        if self.buffer is None or self.count == 0:
+            raise ValueError("TopKQuantile.result() needs at least one added value per unit")
+        n = self.count
+        previous, following, gamma = quantile_positions(n, self.level)
+        offset = n - self.buffer.shape[1]        # ascending position of buffer's smallest value
+        lowest = previous - offset
+        if lowest < 0:                            # cannot happen: K covers these positions
+            raise RuntimeError("TopKQuantile buffer too small")
+        width = self.buffer.shape[1]
+        wanted = sorted({lowest, following - offset})
+        part = np.partition(self.buffer, wanted, axis=1) if width > 1 else self.buffer
+        a = part[:, lowest]
+        b = part[:, following - offset]
+        # numpy's _lerp, evaluated in the buffer dtype with a Python-float weight.
+        diff = b - a
+        value = a + diff * gamma
+        if gamma >= 0.5:
+            value = b - diff * (1 - gamma)
+        out = np.asarray(value, dtype=np.float64)
+        out[self.has_nan] = np.nan
+        return out
+
+    # -- display ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"TopKQuantile(n_units={self.n_units}, quantile={self.quantile}, "
+                f"n_values_per_unit={self.capacity}, count={self.count}, k={self.k})")

@@ -1,0 +1,141 @@
+"""dissect.parallel: every scheduler and chunking gives bit-identical thresholds and counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from dissect.data import BrodenDataset
+from dissect.errors import OptionError
+from dissect.parallel import (
+    check_scheduler,
+    compute_counts,
+    compute_thresholds,
+    image_chunks,
+    scheduler_context,
+)
+from dissect.record import CacheReader
+from dissect.stats import TopKQuantile, count_iou
+
+
+def write_cache(path: Path, acts: np.ndarray, batch: int = 2) -> Path:
+    """A complete activation cache in the DESIGN §4a layout, written directly with h5py."""
+    acts16 = acts.astype(np.float16)
+    n = len(acts16)
+    with h5py.File(path, "w") as file:
+        file.create_dataset("acts", data=acts16, chunks=(min(batch, n), *acts16.shape[1:]))
+        file.create_dataset("amax", data=acts16.reshape(n, acts16.shape[1], -1).max(-1)
+                            .astype(np.float32))
+        file.create_dataset("done", data=np.ones(-(-n // batch), dtype=bool))
+        file.attrs["fingerprint"] = json.dumps({"layer": path.stem})
+        file.attrs["schema_version"] = 1
+        file.attrs["n_written"] = n
+        file.attrs["complete"] = True
+    return path
+
+
+def random_acts(n: int, units: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth-ish random maps with a few strong peaks, so masks are not trivial."""
+    rng = np.random.default_rng(seed)
+    acts = rng.gamma(1.0, 1.0, size=(n, units, size, size))
+    acts[rng.random(acts.shape) < 0.05] += 4.0
+    return acts.astype(np.float32)
+
+
+def serial_counts(reader: CacheReader, dataset: BrodenDataset, thresholds: np.ndarray,
+                  union: str = "touched"):
+    """Counts from one call over the whole dataset, no Dask."""
+    seg, labels = dataset.load_segmentations(range(len(dataset)))
+    return count_iou(reader.read(0, len(dataset)), seg, labels, thresholds,
+                     dataset.vocab.primary, len(dataset.categories), union)
+
+
+def check_all_schedulers(reader: CacheReader, dataset: BrodenDataset, chunk_sizes: list[int],
+                         quantile: float) -> None:
+    n = len(dataset)
+    acts = reader.read(0, n)
+    expected_t = np.array([np.quantile(acts[:, u].ravel(), 1 - quantile)
+                           for u in range(acts.shape[1])], dtype=np.float64)
+    expected_c = serial_counts(reader, dataset, expected_t)
+    assert expected_c.intersection.sum() > 0 and expected_c.act_area.sum() > 0
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
+                      dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tcp://")
+        for scheduler in ["synchronous", "threads", "processes", address]:
+            with scheduler_context(scheduler, num_workers=2) as setup:
+                for size in chunk_sizes:
+                    got_t = compute_thresholds(reader, quantile, chunk_size=size,
+                                               scheduler=setup)
+                    np.testing.assert_array_equal(got_t, expected_t)
+                    got_c = compute_counts(reader, dataset, got_t, chunk_size=size,
+                                           scheduler=setup)
+                    assert got_c.equals(expected_c), (scheduler, size)
+
+
+def test_schedulers_and_chunkings_are_identical_toy(toy_dataset: Path, tmp_path: Path) -> None:
+    dataset = BrodenDataset(toy_dataset)
+    n = len(dataset)
+    cache = write_cache(tmp_path / "conv.h5", random_acts(n, 6, 8), batch=8)
+    # 1, 2 and 3 chunks
+    check_all_schedulers(CacheReader(cache), dataset, [n, -(-n // 2), -(-n // 3)], 0.02)
+
+
+def test_schedulers_and_chunkings_are_identical_tiny(broden_tiny, tmp_path: Path) -> None:
+    dataset = BrodenDataset(broden_tiny.root)
+    cache = write_cache(tmp_path / "conv.h5", random_acts(3, 4, 2, seed=1))
+    reader = CacheReader(cache)
+    thresholds = compute_thresholds(reader, 0.2, chunk_size=1, scheduler="threads")
+    expected = serial_counts(reader, dataset, thresholds, "annotated")
+    for size in (3, 2, 1):
+        got = compute_counts(reader, dataset, thresholds, union="annotated", chunk_size=size,
+                             scheduler="synchronous")
+        assert got.equals(expected)
+
+
+def test_tree_of_many_chunks_matches_topk() -> None:
+    # more chunks than the fan-in: a two-level reduction tree
+    class ArrayReader:
+        def __init__(self, acts: np.ndarray) -> None:
+            self.acts = acts
+            self.shape = acts.shape
+
+        def read(self, start: int, stop: int) -> np.ndarray:
+            return self.acts[start:stop]
+
+    acts = random_acts(70, 3, 3, seed=2)
+    expected = TopKQuantile(3, 0.01, 70 * 9)
+    expected.add(acts)
+    got = compute_thresholds(ArrayReader(acts), 0.01, chunk_size=1, scheduler="threads")
+    np.testing.assert_array_equal(got, expected.result())
+
+
+def test_bad_scheduler_names_option() -> None:
+    for bad in ["thread", "tcp://nohost", "http://host:1", ""]:
+        with pytest.raises(OptionError, match="--scheduler.*threads, processes, synchronous"):
+            check_scheduler(bad)
+    assert check_scheduler("tcp://127.0.0.1:8786") == "tcp://127.0.0.1:8786"
+    with pytest.raises(OptionError, match="--scheduler"):
+        with scheduler_context("multiprocess"):
+            pass
+
+
+def test_image_chunks() -> None:
+    assert image_chunks(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert image_chunks(0, 3) == []
+    with pytest.raises(OptionError, match="chunk_size"):
+        image_chunks(7, 0)
+
+
+def test_unreachable_distributed_scheduler_is_a_dissect_error() -> None:
+    from dissect.errors import DissectError
+
+    with pytest.raises(DissectError, match="--scheduler: cannot connect.*tcp://127.0.0.1:1"):
+        with scheduler_context("tcp://127.0.0.1:1", timeout="1s"):
+            pass

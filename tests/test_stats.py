@@ -1,0 +1,291 @@
+"""dissect.stats: exact quantiles, upsampling, IoU counts on hand-made cases, IoU and labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dissect.stats import (
+    IoUCounts,
+    TopKQuantile,
+    best_labels,
+    count_iou,
+    iou_from_counts,
+    quantile_positions,
+    threshold_below,
+    upsample_maps,
+)
+
+
+# ----------------------------------------------------------------------------- quantile
+def numpy_thresholds(values: np.ndarray, quantile: float) -> np.ndarray:
+    """numpy.quantile of every unit of (n, U, ...) values cast to float32, as float64."""
+    per_unit = np.moveaxis(np.asarray(values), 1, 0).reshape(values.shape[1], -1)
+    return np.array([np.quantile(row.astype(np.float32), 1 - quantile) for row in per_unit],
+                    dtype=np.float64)
+
+
+def test_quantile_hand_value() -> None:
+    # values 0..9 per unit; level 0.75 -> virtual index 6.75 -> 6.75
+    values = np.stack([np.arange(10.0), np.arange(10.0) * 2], axis=1)[:, :, None]  # (10, 2, 1)
+    top = TopKQuantile(2, 0.25, n_values_per_unit=10)
+    top.add(values)
+    assert top.result().tolist() == [6.75, 13.5]
+    assert quantile_positions(10, 0.75) == (6, 7, 0.75)
+    # K covers positions 6..9 only
+    assert top.k == 4 and top.buffer.shape == (2, 4)
+
+
+def test_quantile_buffer_is_small() -> None:
+    top = TopKQuantile(3, 0.005, n_values_per_unit=1000)
+    # virtual index 999 * 0.995 = 994.005 -> positions 994, 995 -> K = 6
+    assert top.k == 6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_quantile_equals_numpy_any_chunking_and_merge_order(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, units = 23, 3
+    quantile = [0.005, 0.1, 0.37, 0.5, 0.0, 0.9][seed]
+    kinds = {
+        "float16": rng.normal(size=(n, units, 3, 2)).astype(np.float16),
+        "ties": rng.integers(0, 3, size=(n, units, 3, 2)).astype(np.float16),
+        "float32": (rng.standard_cauchy(size=(n, units, 3, 2))).astype(np.float32),
+    }
+    for values in kinds.values():
+        expected = numpy_thresholds(values, quantile)
+        for _ in range(4):
+            cuts = np.sort(rng.choice(np.arange(1, n), size=rng.integers(0, 6), replace=False))
+            states = []
+            for part in np.split(values, cuts):
+                state = TopKQuantile(units, quantile, n * 6)
+                # float16 chunks are added as float32 (what the cache reader returns)
+                state.add(part.astype(np.float32) if part.dtype == np.float16 else part)
+                states.append(state)
+            rng.shuffle(states)
+            while len(states) > 1:                      # random merge tree
+                i = int(rng.integers(0, len(states) - 1))
+                states[i:i + 2] = [states[i].merge(states[i + 1])]
+            np.testing.assert_array_equal(states[0].result(), expected)
+
+
+def test_quantile_single_add_torch_and_float64() -> None:
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(7, 2, 4))
+    top = TopKQuantile(2, 0.2, 28)
+    top.add(torch.from_numpy(values))
+    expected = [np.quantile(values[:, u].ravel(), 0.8) for u in range(2)]
+    assert top.result().tolist() == expected     # float64 input: computed in float64
+
+
+def test_quantile_nan_and_errors() -> None:
+    values = np.ones((4, 2, 1), dtype=np.float32)
+    values[2, 1, 0] = np.nan
+    top = TopKQuantile(2, 0.5, 4)
+    top.add(values[:2])
+    other = TopKQuantile(2, 0.5, 4)
+    other.add(values[2:])
+    result = top.merge(other).result()
+    assert result[0] == 1.0 and np.isnan(result[1])
+    with pytest.raises(ValueError, match="sized for 4"):
+        top.merge(other).add(values[:1])
+    with pytest.raises(ValueError, match="quantile"):
+        TopKQuantile(2, 1.5, 4)
+    with pytest.raises(ValueError, match="different"):
+        top.merge(TopKQuantile(2, 0.4, 4))
+
+
+def test_quantile_fewer_values_than_capacity() -> None:
+    values = np.arange(30, dtype=np.float32).reshape(5, 1, 6)
+    top = TopKQuantile(1, 0.1, n_values_per_unit=1000)
+    top.add(values)
+    assert top.result()[0] == np.quantile(values.ravel(), 0.9)
+
+
+# ----------------------------------------------------------------------------- upsampling
+def test_upsample_hand_values_numpy_and_torch() -> None:
+    maps = np.array([[[0.0, 4.0]]], dtype=np.float32)                    # (1, 1, 2)
+    up = upsample_maps(maps, (1, 4))
+    assert isinstance(up, np.ndarray) and up.dtype == np.float32
+    # half-pixel centres at -0.25, 0.25, 0.75, 1.25 source pixels, clamped at the edges
+    assert up.tolist() == [[[0.0, 1.0, 3.0, 4.0]]]
+    up_t = upsample_maps(torch.from_numpy(maps), (1, 4))
+    assert isinstance(up_t, torch.Tensor) and up_t.tolist() == up.tolist()
+
+
+def test_upsample_equals_pil_bilinear() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    up = upsample_maps(maps, (17, 23))
+    for i in range(2):
+        pil = np.asarray(Image.fromarray(maps[i], mode="F").resize((23, 17), Image.BILINEAR))
+        np.testing.assert_allclose(up[i], pil, rtol=0, atol=1e-5)
+
+
+def test_upsample_does_not_depend_on_batch() -> None:
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(9, 7, 7)).astype(np.float32)
+    whole = upsample_maps(maps, (112, 112))
+    for i in range(9):
+        np.testing.assert_array_equal(upsample_maps(maps[i:i + 1], (112, 112))[0], whole[i])
+
+
+def test_threshold_below_is_exact_for_float32() -> None:
+    t = np.array([0.1, 1.0, -0.3, 1e300, -1e300, np.inf])
+    below = threshold_below(t)
+    assert below.dtype == np.float32
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([rng.normal(size=1000).astype(np.float32),
+                         np.array([0.1, 1.0, -0.3, np.inf, -np.inf, 3e38], np.float32),
+                         np.nextafter(np.float32(0.1), np.float32(1)) + np.zeros(1, np.float32)])
+    for u in range(len(t)):
+        np.testing.assert_array_equal(xs > below[u], xs.astype(np.float64) > t[u])
+
+
+# ----------------------------------------------------------------------------- hand-made counts
+# Categories: 0 color, 1 object, 2 part, 3 scene. Labels: 1 red, 2 green (color), 3 dog (object),
+# 4 leg, 5 head (part), 6 kitchen, 7 street (scene, image-level), 300 wheel: in object and part,
+# primary object.
+PRIMARY = np.full(301, -1, dtype=np.int64)
+PRIMARY[[1, 2, 3, 4, 5, 6, 7, 300]] = [0, 0, 1, 2, 2, 3, 3, 1]
+COLOR0 = [[1, 1, 2, 2]] * 4
+OBJECT0 = [[0, 3, 3, 0], [0, 3, 3, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+PART0A = [[0, 4, 0, 0], [0, 4, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+PART0B = [[0, 5, 5, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+COLOR1 = [[2, 2, 2, 2], [2, 2, 2, 2], [1, 1, 0, 0], [0, 0, 0, 0]]
+OBJECT2 = [[0, 0, 0, 0], [0, 300, 300, 0], [0, 300, 300, 0], [0, 0, 3, 3]]
+PART2 = [[0, 0, 0, 0], [0, 0, 300, 0], [0, 0, 0, 0], [0, 0, 0, 4]]
+ZERO = [[0] * 4] * 4
+
+
+def hand_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """3 images with 4x4 maps (identity upsampling), 2 units, threshold 0.5.
+
+    Unit 0 fires on the top-left 2x2 block of every image; unit 1 on nothing in image 0, row 3
+    of image 1 (unlabeled pixels) and pixel (3, 3) of image 2.
+    """
+    seg = np.array([[COLOR0, OBJECT0, PART0A, PART0B],
+                    [COLOR1, ZERO, ZERO, ZERO],
+                    [OBJECT2, PART2, ZERO, ZERO]], dtype=np.int32)
+    image_labels = np.array([[6], [7], [6]], dtype=np.int32)
+    acts = np.zeros((3, 2, 4, 4), dtype=np.float32)
+    acts[:, 0, :2, :2] = 1.0
+    acts[1, 1, 3, :] = 1.0
+    acts[2, 1, 3, 3] = 1.0
+    return acts, seg, image_labels, np.array([0.5, 0.5])
+
+
+def test_hand_case_label_area_and_intersection() -> None:
+    acts, seg, image_labels, thresholds = hand_case()
+    counts = count_iou(acts, seg, image_labels, thresholds, PRIMARY, 4, "touched")
+    expected_area = {1: 10, 2: 16, 3: 6, 4: 3, 5: 2, 6: 32, 7: 16, 300: 5}
+    assert {int(l): int(v) for l, v in enumerate(counts.label_area) if v} == expected_area
+    unit0 = {1: 4, 2: 4, 3: 2, 4: 2, 5: 1, 6: 8, 7: 4, 300: 1}
+    unit1 = {3: 1, 4: 1, 6: 1, 7: 4}
+    for u, expected in enumerate([unit0, unit1]):
+        got = {int(l): int(v) for l, v in enumerate(counts.intersection[u]) if v}
+        assert got == expected
+
+
+@pytest.mark.parametrize("union, expected", [
+    # columns: color, object, part, scene
+    ("touched", [[8, 8, 4, 12], [0, 1, 1, 5]]),
+    ("annotated", [[8, 8, 8, 12], [4, 1, 1, 5]]),
+    ("all", [[12, 12, 12, 12], [5, 5, 5, 5]]),
+])
+def test_hand_case_union_rules(union: str, expected: list[list[int]]) -> None:
+    acts, seg, image_labels, thresholds = hand_case()
+    counts = count_iou(acts, seg, image_labels, thresholds, PRIMARY, 4, union)
+    assert counts.act_area.tolist() == expected
+    assert counts.act_area.dtype == np.int64 and counts.intersection.dtype == np.int64
+    iou = iou_from_counts(counts, PRIMARY)
+    # red for unit 0: intersection 4, label area 10, act_area[color]
+    assert iou[0, 1] == 4 / (expected[0][0] + 10 - 4)
+    # kitchen (image-level) for unit 0: 8 / (act_area[scene] + 32 - 8)
+    assert iou[0, 6] == 8 / (expected[0][3] + 32 - 8)
+
+
+def test_counts_are_additive_over_images() -> None:
+    acts, seg, image_labels, thresholds = hand_case()
+    whole = count_iou(acts, seg, image_labels, thresholds, PRIMARY, 4)
+    parts = [count_iou(acts[i:i + 1], seg[i:i + 1], image_labels[i:i + 1], thresholds,
+                       PRIMARY, 4) for i in range(3)]
+    total = IoUCounts.zeros(2, 301, 4) + parts[2] + parts[0] + parts[1]
+    assert total.equals(whole)
+    empty = count_iou(acts[:0], seg[:0], image_labels[:0], thresholds, PRIMARY, 4)
+    assert empty.equals(IoUCounts.zeros(2, 301, 4))
+
+
+def test_strict_threshold_and_skipped_units() -> None:
+    acts, seg, image_labels, _ = hand_case()
+    # threshold exactly 1.0: max == threshold is skipped, nothing counts
+    counts = count_iou(acts, seg, image_labels, np.array([1.0, 1.0]), PRIMARY, 4)
+    assert counts.intersection.sum() == 0 and counts.act_area.sum() == 0
+    assert counts.label_area[6] == 32        # label_area does not depend on units
+
+
+def test_unit_equal_to_concept_mask_has_iou_one() -> None:
+    rng = np.random.default_rng(0)
+    primary = np.array([-1, 0, 0, 1])
+    seg = rng.integers(0, 3, size=(5, 1, 8, 8)).astype(np.int32)     # labels 1, 2 (color)
+    seg = np.concatenate([seg, np.where(seg == 2, 3, 0)[:, :, ::-1]], axis=1)  # object layer
+    seg = np.ascontiguousarray(seg)
+    acts = np.stack([(seg[:, 0] == 1), (seg[:, 0] == 0)], axis=1).astype(np.float32)
+    counts = count_iou(acts, seg, np.zeros((5, 1), np.int32), np.array([0.5, 0.5]), primary, 2)
+    iou = iou_from_counts(counts, primary)
+    assert iou[0, 1] == 1.0
+    assert iou[0, 2] == 0.0                  # disjoint from green
+    assert iou[1, 1] == 0.0 and iou[1, 2] == 0.0
+
+
+def test_count_iou_accepts_tensors_and_device() -> None:
+    acts, seg, image_labels, thresholds = hand_case()
+    a = count_iou(acts, seg, image_labels, thresholds, PRIMARY, 4)
+    b = count_iou(torch.from_numpy(acts).half(), torch.from_numpy(seg), image_labels,
+                  thresholds, PRIMARY, 4, device="cpu")
+    assert a.equals(b)
+    with pytest.raises(ValueError, match="union"):
+        count_iou(acts, seg, image_labels, thresholds, PRIMARY, 4, union="every")
+
+
+# ----------------------------------------------------------------------------- IoU and labels
+def test_iou_from_counts_zero_denominators() -> None:
+    primary = np.array([-1, 0, 1, -1])
+    counts = IoUCounts(label_area=np.array([0, 10, 0, 5]),
+                       intersection=np.array([[0, 5, 0, 5], [0, 0, 0, 0]]),
+                       act_area=np.array([[10, 0], [0, 0]]))
+    iou = iou_from_counts(counts, primary)
+    assert iou.tolist() == [[0.0, 5 / 15, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+def test_best_labels_ties_and_empty_categories() -> None:
+    primary = np.array([-1, 0, 0, 1, 1, 2])
+    iou = np.array([
+        [0.0, 0.2, 0.2, 0.1, 0.3, 0.0],   # tie in cat 0 -> label 1; unit: cat 1 (label 4)
+        [0.0, 0.0, 0.0, 0.5, 0.5, 0.0],   # cat 0 none -> 0; tie in cat 1 -> label 3
+        [0.0, 0.4, 0.1, 0.4, 0.0, 0.0],   # tie across categories -> earliest (color, label 1)
+    ])
+    cat_label, cat_iou, unit_label, unit_iou = best_labels(iou, primary, 3)
+    assert cat_label.tolist() == [[1, 4, 0], [0, 3, 0], [1, 3, 0]]
+    assert cat_iou.tolist() == [[0.2, 0.3, 0.0], [0.0, 0.5, 0.0], [0.4, 0.4, 0.0]]
+    assert unit_label.tolist() == [4, 3, 1]
+    assert unit_iou.tolist() == [0.3, 0.5, 0.4]
+
+
+def test_mask_pixels_numpy_and_torch_scans_agree() -> None:
+    from dissect.stats.iou import _mask_pixels
+
+    rng = np.random.default_rng(0)
+    up = torch.from_numpy(rng.normal(size=(5, 37)).astype(np.float32))
+    below = torch.tensor([0.0, 0.5, 3.0, -1.0, 1.0])
+    numpy_scan = _mask_pixels(up, below, use_numpy=True)
+    torch_scan = _mask_pixels(up, below, use_numpy=False)
+    for a, b in zip(numpy_scan, torch_scan):
+        np.testing.assert_array_equal(a, b)
+    which, pixel, areas = numpy_scan
+    expected = np.nonzero(up.numpy() > below.numpy()[:, None])
+    np.testing.assert_array_equal(which, expected[0])
+    np.testing.assert_array_equal(pixel, expected[1])
+    assert areas.tolist() == (up.numpy() > below.numpy()[:, None]).sum(1).tolist()
