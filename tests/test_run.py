@@ -1,0 +1,103 @@
+"""End to end: `dissect run` on the toy data, interrupted after recording, then resumed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import dissect.run
+from dissect.cli import main
+from dissect.toy.model import ToyCNN
+
+
+@pytest.fixture
+def count_forwards(monkeypatch):
+    """Count forward passes of the toy CNN (the only model these runs use)."""
+    calls = {"n": 0}
+    original = ToyCNN.forward
+
+    def counted(self, x):
+        calls["n"] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(ToyCNN, "forward", counted)
+    return calls
+
+
+def run_args(dataset, out):
+    return ["run", "--model", "dissect.toy:toy_model", "--layers", "conv3", "conv4",
+            "--dataset", str(dataset), "--out", str(out), "--batch-size", "16",
+            "--scheduler", "synchronous"]
+
+
+@pytest.mark.slow
+def test_run_interrupted_after_record_resumes_without_recomputing(
+        toy_dataset, tmp_path, monkeypatch, count_forwards, capsys):
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dissect.run, "tally_stage", interrupted)
+        assert main(run_args(toy_dataset, out)) == 130
+    assert count_forwards["n"] == 3  # 48 images in batches of 16
+    caches = {layer: out / "cache" / f"{layer}.h5" for layer in ("conv3", "conv4")}
+    before = {layer: (p.stat().st_ino, p.stat().st_mtime_ns) for layer, p in caches.items()}
+    assert not (out / "conv3").exists()
+
+    assert main(run_args(toy_dataset, out)) == 0
+    assert count_forwards["n"] == 3, "the resumed run ran the model again"
+    after = {layer: (p.stat().st_ino, p.stat().st_mtime_ns) for layer, p in caches.items()}
+    assert after == before
+    for layer in caches:
+        assert (out / layer / "tally.csv").is_file() and (out / layer / "dissection.h5").is_file()
+    assert (out / "report" / "index.html").is_file()
+    assert str(out / "report" / "index.html") in capsys.readouterr().out
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["layers"] == ["conv3", "conv4"]
+    assert set(run["stages"]) == {"record", "tally:conv3", "tally:conv4", "report"}
+    for stage in run["stages"].values():
+        assert stage["wall_s"] >= 0 and stage["peak_rss_mb"] > 0
+    assert run["versions"]["torch"] and run["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_later_commands_read_the_run_and_tally_is_skipped_when_up_to_date(
+        toy_dataset, tmp_path, count_forwards, capsys):
+    out = tmp_path / "run"
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv4",
+                 "--dataset", str(toy_dataset), "--out", str(out)]) == 0
+    assert main(["tally", "--run", str(out), "--scheduler", "synchronous"]) == 0
+    first = (out / "conv4" / "tally.csv").stat().st_mtime_ns
+    assert main(["tally", "--run", str(out)]) == 0
+    assert (out / "conv4" / "tally.csv").stat().st_mtime_ns == first
+    assert main(["tally", "--run", str(out), "--quantile", "0.01"]) == 0
+    assert (out / "conv4" / "tally.csv").stat().st_mtime_ns != first
+    assert json.loads((out / "run.json").read_text())["config"]["quantile"] == 0.01
+    assert main(["tally", "--run", str(out), "--layers", "conv9"]) == 2
+    assert "'conv9' was not recorded" in capsys.readouterr().err
+    assert main(["report", str(out)]) == 0
+    assert (out / "report" / "conv4.html").is_file()
+
+
+def test_record_into_a_run_of_another_model_is_refused_and_keeps_the_run(
+        toy_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv4",
+                 "--dataset", str(toy_dataset), "--out", str(out)]) == 0
+    before = (out / "run.json").read_text()
+    capsys.readouterr()
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv4",
+                 "--dataset", str(toy_dataset), "--out", str(out), "--mean", "0.5,0.5,0.5"]) == 2
+    assert "mean" in capsys.readouterr().err
+    assert (out / "run.json").read_text() == before
+
+
+def test_unknown_layer_exits_2_and_points_to_dissect_layers(toy_dataset, tmp_path, capsys):
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv5",
+                 "--dataset", str(toy_dataset), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "conv5" in err and "dissect layers" in err and "conv4" in err
