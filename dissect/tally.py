@@ -37,7 +37,14 @@ from dissect.parallel import (
     compute_thresholds,
     scheduler_context,
 )
-from dissect.stats import UNION_RULES, IoUCounts, best_labels, iou_from_counts
+from dissect.stats import (
+    UNION_RULES,
+    IoUCounts,
+    best_category,
+    best_labels,
+    iou_from_counts,
+    unit_order,
+)
 
 __all__ = [
     "DISSECTION_FILE",
@@ -88,7 +95,7 @@ class DissectionResult:
     unit_label, unit_iou:
         int64 / float64 (U,): the unit's label (best over categories) and its IoU.
     unit_category:
-        (U,) str: category of the unit's label (ties: earliest category).
+        (U,) str: category of the unit's label (ties: the later category, as NetDissect-Lite).
     iou_threshold:
         A unit detects its concept when ``unit_iou >= iou_threshold``.
     label_names:
@@ -130,8 +137,8 @@ class DissectionResult:
         primary = np.asarray(primary, dtype=np.int64)
         iou = iou_from_counts(counts, primary)
         cat_label, cat_iou, unit_label, unit_iou = best_labels(iou, primary, len(categories))
-        best_category = np.argmax(cat_iou, axis=1) if categories else np.zeros(0, np.int64)
-        unit_category = np.array([categories[c] for c in best_category], dtype=object)
+        best = best_category(cat_iou) if categories else np.zeros(0, np.int64)
+        unit_category = np.array([categories[c] for c in best], dtype=object)
         return cls(layer, categories, np.asarray(thresholds, dtype=np.float64),
                    counts.label_area, counts.intersection, counts.act_area, iou, cat_label,
                    cat_iou, unit_label, unit_iou, unit_category, float(iou_threshold),
@@ -154,14 +161,15 @@ class DissectionResult:
     def table(self) -> list[dict[str, Any]]:
         """The rows of tally.csv, NetDissect-Lite's format.
 
-        One row per unit, sorted by descending score (stable: ties keep unit order): ``unit``
+        One row per unit, sorted by descending score (ties: the higher unit first, as
+        NetDissect-Lite's ``argsort()[::-1]``; see :func:`dissect.stats.unit_order`): ``unit``
         (1-based), ``category`` and ``label`` (name) of the unit's label, ``score`` (its IoU),
         then per category ``<cat>-label`` (best label name in the category, '-' for none),
         ``<cat>-truth`` (its label_area), ``<cat>-activation`` (act_area[u, cat]),
         ``<cat>-intersect`` (intersection[u, label]) and ``<cat>-iou``. Ints and floats are
         Python numbers.
         """
-        order = np.argsort(-self.unit_iou, kind="stable")
+        order = unit_order(self.unit_iou)
         rows = []
         for u in order.tolist():
             row: dict[str, Any] = {

@@ -10,11 +10,13 @@ from PIL import Image
 from dissect.stats import (
     IoUCounts,
     TopKQuantile,
+    best_category,
     best_labels,
     count_iou,
     iou_from_counts,
     quantile_positions,
     threshold_below,
+    unit_order,
     upsample_maps,
 )
 
@@ -265,13 +267,20 @@ def test_best_labels_ties_and_empty_categories() -> None:
     iou = np.array([
         [0.0, 0.2, 0.2, 0.1, 0.3, 0.0],   # tie in cat 0 -> label 1; unit: cat 1 (label 4)
         [0.0, 0.0, 0.0, 0.5, 0.5, 0.0],   # cat 0 none -> 0; tie in cat 1 -> label 3
-        [0.0, 0.4, 0.1, 0.4, 0.0, 0.0],   # tie across categories -> earliest (color, label 1)
+        [0.0, 0.4, 0.1, 0.4, 0.0, 0.0],   # tie across categories -> later (cat 1, label 3)
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],   # nothing: last category, label 0
     ])
     cat_label, cat_iou, unit_label, unit_iou = best_labels(iou, primary, 3)
-    assert cat_label.tolist() == [[1, 4, 0], [0, 3, 0], [1, 3, 0]]
-    assert cat_iou.tolist() == [[0.2, 0.3, 0.0], [0.0, 0.5, 0.0], [0.4, 0.4, 0.0]]
-    assert unit_label.tolist() == [4, 3, 1]
-    assert unit_iou.tolist() == [0.3, 0.5, 0.4]
+    assert cat_label.tolist() == [[1, 4, 0], [0, 3, 0], [1, 3, 0], [0, 0, 0]]
+    assert cat_iou.tolist() == [[0.2, 0.3, 0.0], [0.0, 0.5, 0.0], [0.4, 0.4, 0.0], [0, 0, 0]]
+    assert unit_label.tolist() == [4, 3, 3, 0]
+    assert unit_iou.tolist() == [0.3, 0.5, 0.4, 0.0]
+    assert best_category(cat_iou).tolist() == [1, 1, 1, 2]
+
+
+def test_unit_order_is_netdissect_lites_reversed_argsort() -> None:
+    scores = np.array([0.1, 0.3, 0.3, 0.0, 0.3])
+    assert unit_order(scores).tolist() == [4, 2, 1, 0, 3]
 
 
 def test_mask_pixels_numpy_and_torch_scans_agree() -> None:

@@ -218,10 +218,10 @@ def test_tally_csv_format(tiny_result) -> None:
     assert second["scene-label"] == "street" and second["scene-activation"] == "5"
 
 
-def test_table_sort_is_stable_on_ties(tiny_result) -> None:
+def test_table_sort_puts_the_higher_unit_first_on_ties(tiny_result) -> None:
     result, _ = tiny_result
     result.unit_iou = np.array([0.3, 0.3])
-    assert [row["unit"] for row in result.table()] == [1, 2]
+    assert [row["unit"] for row in result.table()] == [2, 1]
     result.unit_iou = np.array([0.1, 0.3])
     assert [row["unit"] for row in result.table()] == [2, 1]
 

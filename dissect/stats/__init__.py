@@ -9,7 +9,9 @@
 from dissect.stats.iou import (
     UNION_RULES,
     IoUCounts,
+    best_category,
     best_labels,
+    unit_order,
     count_iou,
     iou_from_counts,
     threshold_below,
@@ -22,6 +24,8 @@ __all__ = [
     "IoUCounts",
     "TopKQuantile",
     "best_labels",
+    "best_category",
+    "unit_order",
     "count_iou",
     "iou_from_counts",
     "quantile_positions",

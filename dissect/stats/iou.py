@@ -22,6 +22,8 @@ __all__ = [
     "count_iou",
     "iou_from_counts",
     "best_labels",
+    "best_category",
+    "unit_order",
 ]
 
 UnionRule = Literal["touched", "annotated", "all"]
@@ -403,7 +405,7 @@ def best_labels(iou: np.ndarray, primary: np.ndarray, n_categories: int
     Per category c, the label of primary category c with the highest IoU, ties to the lowest
     label number; a category in which no label has a positive IoU gets label 0 (no label) with
     IoU 0, as NetDissect-Lite's argmax does. The unit's label is the best over categories, ties
-    to the earliest category.
+    to the later category (:func:`best_category`).
 
     Parameters
     ----------
@@ -435,10 +437,48 @@ def best_labels(iou: np.ndarray, primary: np.ndarray, n_categories: int
         cat_label[:, c] = np.where(positive, members[best], 0)
         cat_iou[:, c] = np.where(positive, value, 0.0)
     if n_categories:
-        best_cat = np.argmax(cat_iou, axis=1)         # first maximum: earliest category
+        best_cat = best_category(cat_iou)
         unit_label = cat_label[np.arange(n_units), best_cat]
         unit_iou = cat_iou[np.arange(n_units), best_cat]
     else:
         unit_label = np.zeros(n_units, np.int64)
         unit_iou = np.zeros(n_units, np.float64)
     return cat_label, cat_iou, unit_label, unit_iou
+
+
+def best_category(cat_iou: np.ndarray) -> np.ndarray:
+    """Index of each unit's best category, ties to the later category.
+
+    NetDissect-Lite picks ``score.argsort(axis=0)[::-1][0]`` over a handful of categories,
+    where the sort is stable, so among equal IoUs the category listed last wins (a unit with no
+    positive IoU anywhere therefore gets the last category and label 0).
+
+    Parameters
+    ----------
+    cat_iou:
+        float64 (U, C) best IoU per unit and category, C >= 1.
+
+    Returns
+    -------
+    int64 (U,).
+    """
+    cat_iou = np.asarray(cat_iou)
+    return np.argsort(cat_iou, axis=1, kind="stable")[:, -1].astype(np.int64)
+
+
+def unit_order(unit_iou: np.ndarray) -> np.ndarray:
+    """Units by descending score, the order of NetDissect-Lite's tally.csv.
+
+    NetDissect-Lite orders rows by ``score.argsort()[::-1]``; with a stable sort that puts the
+    higher unit first among equal scores, which is what this returns (deterministically).
+
+    Parameters
+    ----------
+    unit_iou:
+        float (U,) scores.
+
+    Returns
+    -------
+    int64 (U,) unit indices.
+    """
+    return np.argsort(np.asarray(unit_iou), kind="stable")[::-1].astype(np.int64)
