@@ -409,6 +409,9 @@ class BrodenDataset:
         self.selected_splits = splits
         self._entries = parsed.entries
         self._known = parsed.known_labels
+        self._allowed = parsed.known_labels.copy()  # known labels, and 0 (no label)
+        if len(self._allowed):
+            self._allowed[0] = True
 
     @classmethod
     def from_parsed(cls, parsed: ParsedDataset) -> "BrodenDataset":
@@ -521,7 +524,8 @@ class BrodenDataset:
                 f"{path} ({self._where(index)}) is {layer.shape[0]}x{layer.shape[1]}; "
                 f"index.csv says sh,sw = {entry.seg_size[0]},{entry.seg_size[1]}")
         top = int(layer.max()) if layer.size else 0
-        if top >= len(self._known) or not self._known[np.unique(layer[layer > 0])].all():
+        # a table lookup (not np.unique) keeps this cheap: it runs for every PNG of every chunk
+        if top >= len(self._known) or not self._allowed[layer].all():
             bad = sorted(set(np.unique(layer).tolist()) - set(np.flatnonzero(self._known).tolist())
                          - {0})
             raise DatasetError(
