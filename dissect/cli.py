@@ -267,10 +267,10 @@ def cmd_tally(args: argparse.Namespace) -> int:
     config = _update_run_config(args.run, args, ("dataset", "quantile", "thresholds", "union",
                                                  "categories", "iou_threshold", "scheduler"))
     results = tally_stage(config, args.layers, force=args.force)
+    from dissect.tally import format_detectors
+
     for layer, result in results.items():
-        detectors = int((result.unit_iou >= result.iou_threshold).sum())
-        print(f"{layer}: {detectors}/{len(result.unit_iou)} units detect a concept "
-              f"(IoU >= {result.iou_threshold}); {Path(args.run) / layer / 'tally.csv'}")
+        print(f"{format_detectors(result)}; {Path(args.run) / layer / 'tally.csv'}")
     return 0
 
 

@@ -26,4 +26,17 @@ def run_demo(out: str | os.PathLike[str] = "reports/demo",
         layers=tuple(DEMO_LAYERS), dataset=str(Path(dataset).resolve()),
         out=str(Path(out).resolve()), ablate=True, classes="scene",
         ablation_layers=(DEMO_ABLATION_LAYER,), ablation_studies=("single", "topn", "random"))
-    return run_pipeline(config, progress=progress)
+    index = run_pipeline(config, progress=progress)
+    if progress:
+        print(summarize_run(config.run_dir), flush=True)
+    return index
+
+
+def summarize_run(run_dir: str | os.PathLike[str]) -> str:
+    """One line per dissected layer: detector units and unique concepts per category."""
+    from dissect.run import read_config
+    from dissect.tally import format_detectors, load_dissection
+
+    config = read_config(run_dir)
+    return "\n".join(format_detectors(load_dissection(Path(run_dir) / layer))
+                     for layer in config.layers)

@@ -472,3 +472,14 @@ def load_dissection(layer_dir: str | os.PathLike[str]) -> DissectionResult:
         quantile=None if math.isnan(quantile) else quantile, union=_text(attrs["union"]),
         attrs={key: (_text(v) if isinstance(v, (bytes, str)) else v)
                for key, v in attrs.items()})
+
+
+def format_detectors(result: DissectionResult) -> str:
+    """One line: detector units and unique concepts of a layer, with units per category."""
+    summary = summarize_detectors(result)
+    per_category = ", ".join(f"{s.category} {s.n_units}" for s in summary if s.n_units)
+    units = sum(s.n_units for s in summary)
+    concepts = sum(s.n_concepts for s in summary)
+    return (f"{result.layer}: {units}/{result.n_units} units detect a concept "
+            f"(IoU >= {result.iou_threshold}), {concepts} unique concepts"
+            f"{f' ({per_category})' if per_category else ''}")
