@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 
 $(STAMP): setup.py | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
