@@ -134,6 +134,21 @@ def test_loader_normalises_and_keeps_index_order(broden_tiny):
         make_loader(ds, mean=mean, std=(1.0, 0.0, 1.0))
 
 
+def test_loader_items_carry_label_layers_and_image_labels(broden_tiny):
+    ds = BrodenDataset(broden_tiny.root)
+    loader = make_loader(ds, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size=2,
+                         num_workers=1, segmentation=True)
+    (images0, seg0, labels0, index0), (images1, seg1, labels1, index1) = list(loader)
+    assert images0.shape == (2, 3, 8, 8) and index0.tolist() == [0, 1]
+    assert seg0.dtype == torch.int32 and seg0.shape == (2, 4, 4, 4)
+    np.testing.assert_array_equal(seg0[0].numpy(), broden_tiny.seg[0])
+    np.testing.assert_array_equal(seg0[1, :1].numpy(), broden_tiny.seg[1])
+    assert not seg0[1, 1:].any()
+    assert labels0.tolist() == [[6], [7]] and labels1.tolist() == [[6]]
+    np.testing.assert_array_equal(seg1[0].numpy(), broden_tiny.seg[2])
+    assert index1.tolist() == [2]
+
+
 def test_clean_dataset_has_no_problems(broden_tiny):
     assert check_dataset(broden_tiny.root) == []
 

@@ -1,6 +1,12 @@
 """Broden-format datasets: reading, checking and streaming images (DESIGN.md §2)."""
 
-from dissect.data.broden import BrodenDataset, Problem, decode_segmentation, parse_dataset
+from dissect.data.broden import (
+    BrodenDataset,
+    Problem,
+    decode_segmentation,
+    pad_segmentations,
+    parse_dataset,
+)
 from dissect.data.check import check_dataset
 from dissect.data.loader import (
     IMAGENET_MEAN,
@@ -8,6 +14,7 @@ from dissect.data.loader import (
     NETDISSECT_MEAN,
     NETDISSECT_STD,
     check_normalisation,
+    collate_segmented,
     image_tensor,
     make_loader,
 )
@@ -21,7 +28,9 @@ __all__ = [
     "check_dataset",
     "decode_segmentation",
     "parse_dataset",
+    "pad_segmentations",
     "make_loader",
+    "collate_segmented",
     "image_tensor",
     "check_normalisation",
     "IMAGENET_MEAN",

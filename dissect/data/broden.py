@@ -369,6 +369,32 @@ def decode_segmentation(path: str | os.PathLike[str]) -> np.ndarray:
     return pixels[..., 0].astype(np.int32) + pixels[..., 1].astype(np.int32) * 256
 
 
+def pad_segmentations(items: Sequence[tuple[np.ndarray, np.ndarray]]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Stack per-image (seg (Lyr, sh, sw), image_labels (K,)) pairs, zero-padding both.
+
+    Returns
+    -------
+    seg:
+        int32 (n, Lmax, sh, sw) with Lmax = max(1, max Lyr).
+    image_labels:
+        int32 (n, Kmax) with Kmax = max(1, max K).
+
+    Raises ValueError when the images' segmentation sizes differ.
+    """
+    sizes = {seg.shape[1:] for seg, _ in items}
+    if len(sizes) != 1:
+        raise ValueError(f"segmentation sizes differ between images: {sorted(sizes)}")
+    n_layers = max(1, max(seg.shape[0] for seg, _ in items))
+    n_labels = max(1, max(len(labels) for _, labels in items))
+    seg_out = np.zeros((len(items), n_layers, *sizes.pop()), dtype=np.int32)
+    labels_out = np.zeros((len(items), n_labels), dtype=np.int32)
+    for row, (seg, labels) in enumerate(items):
+        seg_out[row, : seg.shape[0]] = seg
+        labels_out[row, : len(labels)] = labels
+    return seg_out, labels_out
+
+
 class BrodenDataset:
     """A Broden-format dataset, validated when opened.
 
@@ -547,17 +573,10 @@ class BrodenDataset:
         if not items:
             sh, sw = self.seg_size
             return np.zeros((0, 1, sh, sw), np.int32), np.zeros((0, 1), np.int32)
-        n_layers = max(1, max(seg.shape[0] for seg, _ in items))
-        n_labels = max(1, max(len(labels) for _, labels in items))
-        seg_out = np.zeros((len(items), n_layers, *items[0][0].shape[1:]), dtype=np.int32)
-        labels_out = np.zeros((len(items), n_labels), dtype=np.int32)
-        for row, (seg, labels) in enumerate(items):
-            if seg.shape[1:] != seg_out.shape[2:]:
-                raise DatasetError(f"{self.root / 'index.csv'}: segmentation sizes differ "
-                                   f"between images ({seg.shape[1:]} vs {seg_out.shape[2:]})")
-            seg_out[row, : seg.shape[0]] = seg
-            labels_out[row, : len(labels)] = labels
-        return seg_out, labels_out
+        try:
+            return pad_segmentations(items)
+        except ValueError as error:
+            raise DatasetError(f"{self.root / 'index.csv'}: {error}") from None
 
     def image_level_labels(self, category: str) -> list[np.ndarray]:
         """Per selected image, int32 array of its image-level labels in ``category``."""
