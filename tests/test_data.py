@@ -196,10 +196,33 @@ def corrupt_escaping_png_path(root):
     return "index.csv", 4, "escapes the dataset's images/ folder"
 
 
+def corrupt_short_row(root):
+    with open(root / "index.csv", "a") as handle:
+        handle.write("img9.png,train\n")
+    return "index.csv", 5, "fewer cells than the 10 header columns"
+
+
+def corrupt_unicode_digits(root):
+    _replace(root / "index.csv", "seg/a1_color.png,,,7", "seg/a1_color.png,,,\u00b2")
+    return "index.csv", 3, "column scene: images/\u00b2 is missing"
+
+
+def corrupt_huge_label_number(root):
+    with open(root / "label.csv", "a") as handle:
+        handle.write("99999999999,giant,color(3),1,0.1,\n")
+    return "label.csv", 11, "label number 99999999999 is above the largest supported"
+
+
+def corrupt_dotdot_inside_path(root):
+    _replace(root / "index.csv", "seg/a2_part.png", "seg/../../index.csv")
+    return "index.csv", 4, "escapes the dataset's images/ folder"
+
+
 @pytest.mark.parametrize("corrupt", [
     corrupt_missing_image, corrupt_missing_png, corrupt_unknown_image_label,
     corrupt_unknown_category_column, corrupt_malformed_label_category,
-    corrupt_escaping_image_path, corrupt_escaping_png_path])
+    corrupt_escaping_image_path, corrupt_escaping_png_path, corrupt_short_row,
+    corrupt_unicode_digits, corrupt_huge_label_number, corrupt_dotdot_inside_path])
 def test_csv_level_problems_are_listed_and_refused(broden_tiny, corrupt):
     file, line, text = corrupt(broden_tiny.root)
     problems = check_dataset(broden_tiny.root)
@@ -229,8 +252,15 @@ def corrupt_unknown_pixel_label(root):
     return 2, "load_segmentation", "a2_part.png", "label number 299, which is not in label.csv"
 
 
+def corrupt_palette_png(root):
+    Image.fromarray(np.ones((4, 4), np.uint8), "L").convert("LA").save(
+        root / "images" / "seg" / "a2_part.png")
+    return 2, "load_segmentation", "a2_part.png", "PNG mode LA is not a label encoding"
+
+
 @pytest.mark.parametrize("corrupt", [corrupt_unreadable_image, corrupt_image_size,
-                                     corrupt_seg_size, corrupt_unknown_pixel_label])
+                                     corrupt_seg_size, corrupt_unknown_pixel_label,
+                                     corrupt_palette_png])
 def test_file_content_problems_are_listed_and_raised_on_load(broden_tiny, corrupt):
     index, method, file, text = corrupt(broden_tiny.root)
     line = index + 2
@@ -250,3 +280,23 @@ def test_missing_csv_and_missing_directory(broden_tiny, tmp_path):
     assert [str(p) for p in problems] == ["c_scene.csv: file is missing"]
     with pytest.raises(DatasetError, match="does not exist"):
         BrodenDataset(tmp_path / "nowhere")
+
+
+def test_symlinked_image_folders_and_bom_headers_load(broden_tiny, tmp_path):
+    root = broden_tiny.root
+    elsewhere = tmp_path / "other_disk"
+    (root / "images" / "seg").rename(elsewhere)
+    (root / "images" / "seg").symlink_to(elsewhere)
+    text = (root / "index.csv").read_text()
+    (root / "index.csv").write_text("\ufeff" + text)
+    ds = BrodenDataset(root)
+    np.testing.assert_array_equal(ds.load_segmentation(0)[0], broden_tiny.seg[0])
+    assert check_dataset(root) == []
+
+
+def test_fingerprint_ignores_unrelated_csv_files(broden_tiny):
+    before = BrodenDataset(broden_tiny.root).fingerprint()
+    (broden_tiny.root / "my_classes.csv").write_text("image,class\nimg0.png,1\n")
+    assert BrodenDataset(broden_tiny.root).fingerprint() == before
+    _replace(broden_tiny.root / "c_part.csv", "leg,1,0.1", "leg,1,0.2")
+    assert BrodenDataset(broden_tiny.root).fingerprint() != before

@@ -23,7 +23,11 @@ from dissect.data.vocab import Vocabulary, primary_categories
 from dissect.errors import DatasetError, OptionError
 
 INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
-CATEGORY_FIELD = re.compile(r"^\s*([^();]+?)\s*\(\s*(\d+)\s*\)\s*$")
+CATEGORY_FIELD = re.compile(r"^\s*([^();]+?)\s*\(\s*([0-9]+)\s*\)\s*$")
+DIGITS = re.compile(r"[0-9]+")
+#: Largest label number accepted (PNG labels encode at most R + 256 * G = 65535; image-level
+#: numbers are allowed more room). Larger numbers are refused rather than allocated for.
+MAX_LABEL = 2**20
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,17 @@ class ParsedDataset:
     index_categories: tuple[str, ...]
 
 
-def is_inside(root: Path, relative: str) -> bool:
-    """True when ``relative`` is a relative path that stays inside ``root`` once resolved."""
+def is_inside(relative: str) -> bool:
+    """True when ``relative`` is a relative path that cannot leave its folder.
+
+    The check is lexical (no ``..`` after normalisation, not absolute, no drive), so folders that
+    are symbolic links inside the dataset (a Broden copy spread over disks) stay usable, and it
+    costs no system call per path.
+    """
     if not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
         return False
-    root = root.resolve()
-    target = (root / relative).resolve()
-    return target == root or root in target.parents
+    normal = os.path.normpath(relative.replace("\\", "/"))
+    return normal != ".." and not normal.startswith("../") and ":" not in normal.split("/")[0]
 
 
 def _read_csv(
@@ -83,7 +91,7 @@ def _read_csv(
         problems.append(Problem(name, None, "file is missing"))
         return None
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             header = list(reader.fieldnames or [])
             missing = [column for column in required if column not in header]
@@ -97,6 +105,10 @@ def _read_csv(
             for row in reader:
                 if None in row:
                     problems.append(Problem(name, reader.line_num, "more cells than header columns"))
+                    continue
+                if None in row.values():
+                    problems.append(Problem(name, reader.line_num,
+                                            f"fewer cells than the {len(header)} header columns"))
                     continue
                 rows.append((reader.line_num, row))
             return header, rows
@@ -155,6 +167,11 @@ def _parse_labels(
     for line, row in table[1]:
         number = _parse_int(row["number"], "label.csv", line, "number", problems)
         if number is None:
+            continue
+        if number > MAX_LABEL:
+            problems.append(Problem("label.csv", line,
+                                    f"label number {number} is above the largest supported, "
+                                    f"{MAX_LABEL}"))
             continue
         if number in names:
             problems.append(Problem("label.csv", line, f"label number {number} listed twice"))
@@ -249,7 +266,7 @@ def _parse_index(
         sizes = [_parse_int(row[c], "index.csv", line, c, problems, minimum=1)
                  for c in ("ih", "iw", "sh", "sw")]
         ok = all(s is not None for s in sizes)
-        if not is_inside(images_dir, image):
+        if not is_inside(image):
             problems.append(Problem("index.csv", line,
                                     f"image path {image!r} escapes the dataset's images/ folder"))
             ok = False
@@ -267,7 +284,7 @@ def _parse_index(
                 part = part.strip()
                 if not part:
                     continue
-                if part.isdigit():
+                if DIGITS.fullmatch(part):
                     number = int(part)
                     if number >= len(known) or not known[number]:
                         problems.append(Problem(
@@ -276,7 +293,7 @@ def _parse_index(
                         ok = False
                     else:
                         labels.append(number)
-                elif not is_inside(images_dir, part):
+                elif not is_inside(part):
                     problems.append(Problem(
                         "index.csv", line,
                         f"column {category}: path {part!r} escapes the dataset's images/ folder"))
@@ -351,8 +368,8 @@ def parse_dataset(
 
 
 def _present_splits(root: Path) -> set[str]:
-    with open(root / "index.csv", newline="", encoding="utf-8") as handle:
-        return {row["split"].strip() for row in csv.DictReader(handle)}
+    with open(root / "index.csv", newline="", encoding="utf-8-sig") as handle:
+        return {(row.get("split") or "").strip() for row in csv.DictReader(handle)}
 
 
 def decode_segmentation(path: str | os.PathLike[str]) -> np.ndarray:
@@ -364,7 +381,8 @@ def decode_segmentation(path: str | os.PathLike[str]) -> np.ndarray:
         if image.mode in ("L", "I", "I;16"):
             return np.asarray(image).astype(np.int32)
         if image.mode not in ("RGB", "RGBA"):
-            image = image.convert("RGB")
+            raise ValueError(f"PNG mode {image.mode} is not a label encoding; expected RGB "
+                             f"(label = R + 256 * G) or single-channel L/I")
         pixels = np.asarray(image)
     return pixels[..., 0].astype(np.int32) + pixels[..., 1].astype(np.int32) * 256
 
@@ -434,6 +452,7 @@ class BrodenDataset:
         self.categories = parsed.categories
         self.selected_splits = splits
         self._entries = parsed.entries
+        self._all_categories = parsed.all_categories
         self._known = parsed.known_labels
         self._allowed = parsed.known_labels.copy()  # known labels, and 0 (no label)
         if len(self._allowed):
@@ -493,7 +512,9 @@ class BrodenDataset:
     def fingerprint(self) -> str:
         """sha256 over the dataset's csv files and the category and split selection."""
         digest = hashlib.sha256()
-        for name in sorted(p.name for p in self.root.glob("*.csv")):
+        names = ["index.csv", "category.csv", "label.csv"] + [
+            f"c_{category}.csv" for category in self._all_categories]
+        for name in names:
             digest.update(name.encode())
             digest.update((self.root / name).read_bytes())
         digest.update(repr((self.categories, self.selected_splits)).encode())
