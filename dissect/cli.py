@@ -55,7 +55,7 @@ def size_pair(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def _model_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--model", required=required,
                         help="torchvision architecture name, package.module:callable, "
                              "or a TorchScript file")
@@ -63,34 +63,39 @@ def _model_options(parser: argparse.ArgumentParser, required: bool = True) -> No
     parser.add_argument("--num-classes", type=int, help="output classes of a torchvision model")
 
 
-def _record_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", nargs="+", required=True,
+# Option defaults are None so that only the options given on the command line override a
+# --config file; RunConfig holds the defaults (given in the help texts).
+def _record_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--layers", nargs="+", required=required,
                         help="dotted module names, wildcards allowed (see `dissect layers`)")
-    parser.add_argument("--dataset", required=True, help="Broden-format dataset directory")
-    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--dataset", required=required, help="Broden-format dataset directory")
+    parser.add_argument("--out", required=required, help="run directory")
     parser.add_argument("--mean", type=float_triple, help="r,g,b on the 0..1 scale "
                         "(default ImageNet's)")
     parser.add_argument("--std", type=float_triple, help="r,g,b (default ImageNet's)")
     parser.add_argument("--resize", type=size_pair, help="resize images to S or H,W")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, help="images per batch (default 32)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--dtype", choices=("float16", "float32"),
+                        help="cache dtype (default float16)")
     parser.add_argument("--logits", action="store_true", help="also store model outputs")
     parser.add_argument("--force", action="store_true",
                         help="rebuild caches made with another configuration")
 
 
-def _tally_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
-    d = (lambda value: value) if defaults else (lambda value: None)
-    parser.add_argument("--quantile", type=float, default=d(0.005),
-                        help="top quantile of activations that defines a unit's mask")
-    parser.add_argument("--thresholds", help=".npy file of shape (U,) with thresholds to use")
-    parser.add_argument("--union", choices=("touched", "annotated", "all"), default=d("touched"))
+def _tally_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantile", type=float,
+                        help="top quantile of activations that defines a unit's mask "
+                             "(default 0.005)")
+    parser.add_argument("--thresholds", help=".npy file of shape (U,) with one layer's "
+                        "thresholds to use ('none' clears a file set earlier)")
+    parser.add_argument("--union", choices=("touched", "annotated", "all"),
+                        help="union rule of the IoU (default touched)")
     parser.add_argument("--categories", nargs="+", help="categories to use (default all)")
-    parser.add_argument("--iou-threshold", type=float, default=d(0.04),
-                        help="IoU at which a unit counts as a detector")
-    parser.add_argument("--scheduler", default=d("threads"),
-                        help="threads, processes, synchronous, or tcp://host:port")
+    parser.add_argument("--iou-threshold", type=float,
+                        help="IoU at which a unit counts as a detector (default 0.04)")
+    parser.add_argument("--scheduler",
+                        help="threads (default), processes, synchronous, or tcp://host:port")
 
 
 def _ablation_options(parser: argparse.ArgumentParser) -> None:
@@ -98,11 +103,13 @@ def _ablation_options(parser: argparse.ArgumentParser) -> None:
                         "image,class, or 'predicted'")
     parser.add_argument("--n", type=int_list, help="unit-set sizes, e.g. 1,2,4,8")
     parser.add_argument("--concept", help="concept name for --study concept")
-    parser.add_argument("--repeats", type=int, default=5, help="random sets per size")
-    parser.add_argument("--rank-split", default="train")
-    parser.add_argument("--eval-split", default="val")
-    parser.add_argument("--rule", choices=("zero", "mean"), default="zero")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random unit sets")
+    parser.add_argument("--class-names", help="file with one class name per model output "
+                        "(when --classes gives output indices)")
+    parser.add_argument("--repeats", type=int, help="random sets per size (default 5)")
+    parser.add_argument("--rank-split", help="split that ranks units (default train)")
+    parser.add_argument("--eval-split", help="split that measures effects (default val)")
+    parser.add_argument("--rule", choices=("zero", "mean"), help="ablation rule (default zero)")
+    parser.add_argument("--seed", type=int, help="seed of the random unit sets (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,33 +137,37 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--input-size", type=size_pair, default=(224, 224))
 
     record = sub.add_parser("record", help="record layer activations into the cache")
-    _model_options(record)
-    _record_options(record)
+    _model_options(record, required=True)
+    _record_options(record, required=True)
 
     tally = sub.add_parser("tally", help="thresholds and unit/concept IoU of recorded layers")
     tally.add_argument("--run", required=True, help="run directory")
     tally.add_argument("--dataset", help="dataset (default: the run's)")
     tally.add_argument("--layers", nargs="+", help="layers (default: all recorded)")
     tally.add_argument("--force", action="store_true", help="recompute even when up to date")
-    _tally_options(tally, defaults=False)
+    _tally_options(tally)
 
     ablate = sub.add_parser("ablate", help="per-class effects of removing units")
     ablate.add_argument("--run", required=True)
     ablate.add_argument("--dataset", help="dataset (default: the run's)")
     ablate.add_argument("--layer", required=True)
     ablate.add_argument("--study", required=True, choices=("single", "topn", "concept", "random"))
-    ablate.add_argument("--scheduler", default="threads")
+    ablate.add_argument("--scheduler", help="default: the run's")
     _ablation_options(ablate)
 
     report = sub.add_parser("report", help="render the HTML report of a run")
     report.add_argument("run_dir")
 
     run = sub.add_parser("run", help="record, tally, optional ablate, and report in one go")
-    _model_options(run)
-    _record_options(run)
-    _tally_options(run, defaults=True)
+    _model_options(run, required=False)
+    _record_options(run, required=False)
+    _tally_options(run)
     _ablation_options(run)
     run.add_argument("--ablate", action="store_true", help="also run ablation studies")
+    run.add_argument("--study", nargs="+", choices=("single", "topn", "concept", "random"),
+                     help="ablation studies (default single topn random)")
+    run.add_argument("--ablation-layers", nargs="+",
+                     help="layers to ablate (default: every recorded layer)")
     run.add_argument("--config", help="JSON file of RunConfig fields (command line wins)")
 
     demo = sub.add_parser("demo", help="the whole job on the toy dataset and toy model")
@@ -182,42 +193,54 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     fields: dict[str, Any] = {}
     if getattr(args, "config", None):
         try:
-            fields.update(json.loads(Path(args.config).read_text()))
+            loaded = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise OptionError(f"--config: cannot read {args.config}: {error}") from None
+        if not isinstance(loaded, dict):
+            raise OptionError(f"--config: {args.config} must hold a JSON object of run options")
+        fields.update(loaded)
     fields.update(_given(args, ("model", "weights", "num_classes", "layers", "dataset", "mean",
-                                "std", "resize", "device", "dtype", "quantile", "thresholds",
-                                "union", "categories", "iou_threshold", "scheduler", "classes",
-                                "rule", "repeats", "rank_split", "eval_split")))
+                                "std", "resize", "device", "dtype", "batch_size", "quantile",
+                                "thresholds", "union", "categories", "iou_threshold",
+                                "scheduler", "classes", "rule", "repeats", "rank_split",
+                                "eval_split", "n", "concept", "seed")))
+    if getattr(args, "study", None):
+        fields["ablation_studies"] = tuple(args.study)
+    if getattr(args, "ablation_layers", None):
+        fields["ablation_layers"] = tuple(args.ablation_layers)
     for flag in ("logits", "ablate"):
         if getattr(args, flag, False):
             fields[flag] = True
-    if getattr(args, "batch_size", None) is not None:
-        fields["batch_size"] = args.batch_size
-    fields["out"] = str(Path(args.out).resolve())
-    for key in ("dataset", "weights", "thresholds"):
+    if args.out:
+        fields["out"] = args.out
+    if str(fields.get("thresholds", "")).lower() == "none":
+        fields["thresholds"] = None
+    for key in ("dataset", "weights", "thresholds", "out"):
         if fields.get(key):
             fields[key] = str(Path(fields[key]).resolve())
-    missing = [k for k in ("model", "layers", "dataset") if not fields.get(k)]
+    missing = [k for k in ("model", "layers", "dataset", "out") if not fields.get(k)]
     if missing:
         raise OptionError(f"missing option(s): {', '.join('--' + m for m in missing)}")
     return RunConfig.from_json({k: list(v) if isinstance(v, tuple) else v
                                 for k, v in fields.items()})
 
 
-def _update_run_config(run_dir: str, args: argparse.Namespace, names: Sequence[str]) -> Any:
-    """The run's saved config with the options given on the command line applied (and saved)."""
-    from dissect.run import read_config, write_run_json
+def _updated_run_config(run_dir: str, args: argparse.Namespace, names: Sequence[str]) -> Any:
+    """The run's saved config with the options given on the command line applied.
+
+    Nothing is saved here: the caller saves the config once its stage has succeeded, so a bad
+    option never sticks in run.json.
+    """
+    from dissect.run import read_config
 
     config = read_config(run_dir)
     changes = _given(args, names)
+    if str(changes.get("thresholds", "")).lower() == "none":
+        changes["thresholds"] = None
     for key in ("dataset", "thresholds"):
         if changes.get(key):
             changes[key] = str(Path(changes[key]).resolve())
-    if changes:
-        config = dataclasses.replace(config, **changes)
-        write_run_json(config)
-    return config
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
@@ -264,9 +287,9 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_tally(args: argparse.Namespace) -> int:
     from dissect.run import tally_stage
 
-    config = _update_run_config(args.run, args, ("dataset", "quantile", "thresholds", "union",
-                                                 "categories", "iou_threshold", "scheduler"))
-    results = tally_stage(config, args.layers, force=args.force)
+    config = _updated_run_config(args.run, args, ("dataset", "quantile", "thresholds", "union",
+                                                  "categories", "iou_threshold", "scheduler"))
+    results = tally_stage(config, args.layers, force=args.force, save_config=True)
     from dissect.tally import format_detectors
 
     for layer, result in results.items():
@@ -276,12 +299,14 @@ def cmd_tally(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from dissect.ablation import run_ablation
+    from dissect.run import read_config
 
-    config = _update_run_config(args.run, args, ("dataset",))
-    options = _given(args, ("classes", "n", "concept", "repeats", "rank_split", "eval_split",
-                            "rule", "seed", "scheduler"))
+    config = read_config(args.run)
+    options = _given(args, ("dataset", "classes", "class_names", "n", "concept", "repeats",
+                            "rank_split", "eval_split", "rule", "seed"))
     if "n" in options:
         options["n"] = list(options["n"])
+    options["scheduler"] = args.scheduler or config.scheduler
     result = run_ablation(config.run_dir, args.layer, args.study, **options)
     print(f"{args.layer}: {args.study} study written to {result.csv_path}")
     return 0
@@ -327,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dissect: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a path given on the command line that cannot be used
+        print(f"dissect: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception:  # noqa: BLE001 -- report internal failures with their traceback
         traceback.print_exc()
         print("dissect: internal error (please report it with the traceback above)",

@@ -64,6 +64,9 @@ class RunConfig:
     repeats: int = 5
     rank_split: str = "train"
     eval_split: str = "val"
+    n: tuple[int, ...] | None = None
+    concept: str | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -82,6 +85,11 @@ class RunConfig:
         for study in self.ablation_studies:
             if study not in ABLATION_STUDIES:
                 raise OptionError(f"--study: {study!r} is not one of {', '.join(ABLATION_STUDIES)}")
+        if "concept" in self.ablation_studies and self.ablate and not self.concept:
+            raise OptionError("--study concept needs --concept NAME")
+        from dissect.parallel import check_scheduler
+
+        check_scheduler(self.scheduler)
 
     @property
     def run_dir(self) -> Path:
@@ -99,7 +107,10 @@ class RunConfig:
             raise OptionError(f"run config: unknown field(s) {', '.join(unknown)}; "
                               f"known: {', '.join(sorted(names))}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:
+            raise OptionError(f"run config: {error}") from None
 
 
 def run_json_path(run_dir: str | os.PathLike[str]) -> Path:
@@ -119,8 +130,17 @@ def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> RunConfig:
-    """The :class:`RunConfig` saved in ``run_dir/run.json``."""
-    return RunConfig.from_json(read_run(run_dir)["config"])
+    """The :class:`RunConfig` saved in ``run_dir/run.json``.
+
+    ``out`` is ``run_dir`` itself (resolved), not the path saved at record time, so a run
+    directory that was moved or copied is read and written where it is now.
+    """
+    data = read_run(run_dir)
+    if not isinstance(data.get("config"), dict):
+        raise CacheError(f"{run_json_path(run_dir)} has no 'config' object; it was not written "
+                         f"by dissect (create the run with `dissect record` or `dissect run`)")
+    config = {**data["config"], "out": str(Path(run_dir).resolve())}
+    return RunConfig.from_json(config)
 
 
 def package_versions() -> dict[str, str]:
@@ -166,15 +186,21 @@ def _rss_bytes() -> int | None:
 
 @dataclass
 class StageTiming:
-    """Wall time and peak resident memory of one stage (filled in when the stage ends)."""
+    """Wall time and peak resident memory of one stage (filled in when the stage ends).
+
+    ``peak_rss_mb`` is this process's peak during the stage; ``children_peak_rss_mb`` the
+    largest peak of any finished child process (decoding workers, Dask process workers).
+    """
 
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    children_peak_rss_mb: float = 0.0
+
     def to_json(self) -> dict[str, Any]:
         return {"wall_s": round(self.wall_s, 3), "peak_rss_mb": round(self.peak_rss_mb, 1),
-                **self.extra}
+                "children_peak_rss_mb": round(self.children_peak_rss_mb, 1), **self.extra}
 
 
 @contextlib.contextmanager
@@ -204,6 +230,9 @@ def stage_timer(interval: float = 0.05) -> Iterator[StageTiming]:
         if measured == 0:
             measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         timing.peak_rss_mb = measured / 2**20
+        # worker processes (DataLoader, Dask processes): the largest any child reached so far
+        timing.children_peak_rss_mb = resource.getrusage(
+            resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def _record_stage(run_dir: Path, name: str, timing: StageTiming) -> None:
@@ -276,22 +305,38 @@ def _tally_options(config: RunConfig) -> dict[str, Any]:
 
 
 def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
-                force: bool = False) -> dict[str, Any]:
-    """Dissect each layer from its cache; a layer already tallied with the same options and the
-    same cache is skipped unless ``force``."""
+                force: bool = False, save_config: bool = False) -> dict[str, Any]:
+    """Dissect each layer from its cache; a layer already tallied with the same options, the
+    same cache and the same thresholds file is skipped unless ``force``.
+
+    With ``save_config`` the config (its tally options) is written to run.json once every
+    layer succeeded.
+    """
     from dissect.record import cache_path, open_cache
     from dissect.tally import dissect_layer, load_dissection
 
     dataset = open_dataset(config)
+    recorded_dataset = BrodenDataset(config.dataset).fingerprint()
     results = {}
     stages = read_run(config.run_dir).get("stages", {})
-    for layer in layers or config.layers:
+    layers = list(layers or config.layers)
+    if config.thresholds and len(layers) != 1:
+        raise OptionError(f"--thresholds: {config.thresholds} holds one layer's thresholds; "
+                          f"choose that layer with --layers (this run has {', '.join(layers)}), "
+                          f"or clear it with --thresholds none")
+    for layer in layers:
         if layer not in config.layers:
             raise OptionError(f"--layers: {layer!r} was not recorded in {config.run_dir}; "
                               f"recorded: {', '.join(config.layers)}")
         cache = cache_path(config.run_dir, layer)
         info = open_cache(cache)
-        options = {**_tally_options(config), "cache": _fingerprint_text(info)}
+        cached_dataset = (info.fingerprint or {}).get("dataset")
+        if cached_dataset != recorded_dataset:
+            raise CacheError(
+                f"{cache} was recorded on another dataset than {config.dataset} (its index or "
+                f"label files differ); tally the dataset it was recorded on, or record again")
+        options = {**_tally_options(config), "cache": _fingerprint_text(info),
+                   "thresholds_sha256": _file_sha256(config.thresholds)}
         name = f"tally:{layer}"
         layer_dir = config.run_dir / layer
         if not force and stages.get(name, {}).get("options") == options and \
@@ -306,7 +351,20 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
                 out_dir=layer_dir)
         timing.extra["options"] = options
         _record_stage(config.run_dir, name, timing)
+    if save_config:
+        write_run_json(config)
     return results
+
+
+def _file_sha256(path: str | None) -> str | None:
+    if not path:
+        return None
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as error:
+        raise OptionError(f"--thresholds: cannot read {path}: {error}") from None
 
 
 def _fingerprint_text(info: Any) -> str:
@@ -324,7 +382,8 @@ def ablation_stage(config: RunConfig, layers: Sequence[str] | None = None) -> No
                 run_ablation(config.run_dir, layer, study, classes=config.classes,
                              rule=config.rule, repeats=config.repeats,
                              rank_split=config.rank_split, eval_split=config.eval_split,
-                             scheduler=config.scheduler)
+                             scheduler=config.scheduler, seed=config.seed,
+                             n=list(config.n) if config.n else None, concept=config.concept)
         timing.extra["studies"] = list(config.ablation_studies)
         _record_stage(config.run_dir, f"ablate:{layer}", timing)
 

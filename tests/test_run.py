@@ -101,3 +101,84 @@ def test_unknown_layer_exits_2_and_points_to_dissect_layers(toy_dataset, tmp_pat
                  "--dataset", str(toy_dataset), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "conv5" in err and "dissect layers" in err and "conv4" in err
+
+
+@pytest.fixture
+def recorded_run(toy_dataset, tmp_path):
+    """A run with conv3 and conv4 recorded on the toy dataset (no tally yet)."""
+    out = tmp_path / "run"
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv3", "conv4",
+                 "--dataset", str(toy_dataset), "--out", str(out)]) == 0
+    return out
+
+
+def test_a_copied_run_is_read_and_written_where_it_is(recorded_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(recorded_run, copy)
+    original = (recorded_run / "run.json").read_text()
+    assert main(["tally", "--run", str(copy), "--quantile", "0.01",
+                 "--scheduler", "synchronous"]) == 0
+    assert (copy / "conv4" / "tally.csv").is_file()
+    assert not (recorded_run / "conv4").exists()
+    assert (recorded_run / "run.json").read_text() == original
+    assert json.loads((copy / "run.json").read_text())["config"]["quantile"] == 0.01
+
+
+def test_a_refused_option_is_not_saved(recorded_run, tmp_path, capsys):
+    import numpy as np
+
+    before = (recorded_run / "run.json").read_text()
+    assert main(["tally", "--run", str(recorded_run), "--scheduler", "bogus"]) == 2
+    assert "--scheduler: 'bogus'" in capsys.readouterr().err
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros(3))
+    assert main(["tally", "--run", str(recorded_run), "--thresholds", str(bad)]) == 2
+    assert "--thresholds" in capsys.readouterr().err
+    assert main(["tally", "--run", str(recorded_run), "--layers", "conv4",
+                 "--thresholds", str(bad)]) == 2
+    assert "--thresholds" in capsys.readouterr().err
+    assert (recorded_run / "run.json").read_text() == before
+    good = tmp_path / "good.npy"
+    np.save(good, np.full(64, 0.5))
+    assert main(["tally", "--run", str(recorded_run), "--layers", "conv4",
+                 "--thresholds", str(good), "--scheduler", "synchronous"]) == 0
+    assert json.loads((recorded_run / "run.json").read_text())["config"]["thresholds"]
+    assert main(["tally", "--run", str(recorded_run), "--thresholds", "none",
+                 "--scheduler", "synchronous"]) == 0
+    assert json.loads((recorded_run / "run.json").read_text())["config"]["thresholds"] is None
+
+
+def test_tally_refuses_a_dataset_the_cache_was_not_recorded_on(recorded_run, tmp_path, capsys):
+    from dissect.toy import generate_toy_dataset
+
+    other = generate_toy_dataset(tmp_path / "other", n_images=48, size=64, seed=1)
+    assert main(["tally", "--run", str(recorded_run), "--dataset", str(other)]) == 2
+    assert "recorded on another dataset" in capsys.readouterr().err
+    assert not (recorded_run / "conv3").exists()
+
+
+def test_run_takes_its_options_from_a_config_file(toy_dataset, tmp_path, count_forwards):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": "dissect.toy:toy_model", "layers": ["conv4"],
+                                  "dataset": str(toy_dataset), "batch_size": 12,
+                                  "scheduler": "synchronous"}))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(config), "--out", str(out)]) == 0
+    assert count_forwards["n"] == 4  # 48 images in batches of 12
+    saved = json.loads((out / "run.json").read_text())["config"]
+    assert saved["batch_size"] == 12 and saved["layers"] == ["conv4"]
+    config.write_text(json.dumps(["not", "an", "object"]))
+    assert main(["run", "--config", str(config), "--out", str(out)]) == 2
+    config.write_text(json.dumps({"model": "m", "layers": ["a"], "dataset": "d",
+                                  "mean": "abc"}))
+    assert main(["run", "--config", str(config), "--out", str(out)]) == 2
+
+
+def test_an_unusable_output_path_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["dataset", "toy", "--out", str(blocker / "toy"), "--n-images", "8",
+                 "--size", "32"]) == 2
+    assert capsys.readouterr().err.startswith("dissect: error:")
