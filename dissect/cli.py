@@ -79,6 +79,10 @@ def _record_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--dtype", choices=("float16", "float32"),
                         help="cache dtype (default float16)")
     parser.add_argument("--logits", action="store_true", help="also store model outputs")
+    parser.add_argument("--autocast", choices=("bfloat16", "float16"),
+                        help="run the forward under torch.autocast in this dtype")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run the model in the channels_last memory format")
     parser.add_argument("--force", action="store_true",
                         help="rebuild caches made with another configuration")
 
@@ -208,7 +212,9 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         fields["ablation_studies"] = tuple(args.study)
     if getattr(args, "ablation_layers", None):
         fields["ablation_layers"] = tuple(args.ablation_layers)
-    for flag in ("logits", "ablate"):
+    if getattr(args, "autocast", None):
+        fields["autocast"] = args.autocast
+    for flag in ("logits", "ablate", "channels_last"):
         if getattr(args, flag, False):
             fields[flag] = True
     if args.out:

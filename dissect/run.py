@@ -50,6 +50,8 @@ class RunConfig:
     device: str | None = None
     dtype: str = "float16"
     logits: bool = False
+    autocast: str | None = None
+    channels_last: bool = False
     quantile: float = 0.005
     thresholds: str | None = None
     union: str = "touched"
@@ -72,6 +74,8 @@ class RunConfig:
         if not self.layers:
             raise OptionError("--layers: name at least one layer (see `dissect layers MODEL`)")
         check_normalisation(self.mean, self.std)
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise OptionError(f"--autocast: {self.autocast!r} is not one of bfloat16, float16")
         if self.dtype not in DTYPES:
             raise OptionError(f"--dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.union not in UNION_RULES:
@@ -273,7 +277,8 @@ def record_stage(config: RunConfig, *, force: bool = False, progress: bool = Tru
             model, dataset, list(layers), config.run_dir, mean=config.mean, std=config.std,
             resize=config.resize, batch_size=config.batch_size, device=device,
             dtype=config.dtype, logits=config.logits, force=force, progress=progress,
-            model_spec=config.model)
+            model_spec=config.model, autocast=config.autocast,
+            channels_last=config.channels_last)
     # run.json is written only once the recorder accepted the run directory, so a refused run
     # (a cache from another model, say) leaves the earlier run's record untouched.
     write_run_json(_merge_layers(config), device=device)

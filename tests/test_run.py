@@ -182,3 +182,17 @@ def test_an_unusable_output_path_exits_2(tmp_path, capsys):
     assert main(["dataset", "toy", "--out", str(blocker / "toy"), "--n-images", "8",
                  "--size", "32"]) == 2
     assert capsys.readouterr().err.startswith("dissect: error:")
+
+
+def test_record_options_reach_the_recorder(toy_dataset, tmp_path):
+    from dissect.record import open_cache
+
+    out = tmp_path / "run"
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv4",
+                 "--dataset", str(toy_dataset), "--out", str(out), "--dtype", "float32",
+                 "--autocast", "bfloat16", "--channels-last", "--batch-size", "24"]) == 0
+    info = open_cache(out / "cache" / "conv4.h5")
+    assert info.fingerprint["dtype"] == "float32" and info.fingerprint["autocast"] == "bfloat16"
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert (config["autocast"], config["channels_last"], config["batch_size"]) == (
+        "bfloat16", True, 24)
