@@ -129,6 +129,59 @@ def test_bad_units_layers_and_rules_are_named() -> None:
         study.evaluate([[0], [3]])
 
 
+class _PatchTokens(nn.Module):
+    """(N, 3, 4, 4) -> (N, 1 + 4, 6) tokens: a class token then 2x2 patches, channels last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 6, 2, stride=2)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+
+
+def tiny_token_model() -> nn.Module:
+    """A transformer-like model: patch tokens (N, 5, 6) -> Linear over tokens -> mean -> head."""
+    model = nn.Sequential(OrderedDict(
+        patches=_PatchTokens(), mlp=nn.Linear(6, 6), pool=_TokenMean(), head=nn.Linear(6, 2)))
+    return model.eval()
+
+
+class _TokenMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def test_token_and_channel_last_layers_are_refused_with_name_and_shape() -> None:
+    # units of a (B, T, C) token layer are its C channels (the recorder's grid layout); axis 1
+    # (tokens) must never be ablated as units: the hook, the batched hook and the study refuse.
+    model = tiny_token_model()
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(LayerError, match=r"\(B, C, H, W\).*'mlp' gives \(2, 5, 6\)"):
+        with ablate_units(model, "mlp", [0]):
+            model(x)
+    with pytest.raises(LayerError, match=r"'mlp' gives \(4, 5, 6\)"):
+        with ablate_unit_sets(model, "mlp", np.eye(2, 6, dtype=bool)):
+            model(x.repeat(2, 1, 1, 1))
+    for use_suffix in ("auto", False):  # the FX suffix path refuses the layer the same way
+        with pytest.raises(LayerError, match=r"'mlp' gives \(1, 5, 6\)"):
+            AblationStudy(model, "mlp", [0, 1], ["a", "b"], images=TensorRows(x),
+                          activations=TensorRows(torch.randn(2, 6, 2, 2)),
+                          use_suffix=use_suffix)
+    # a (B, C) output (recorded as (B, C, 1, 1)) keeps its channels on axis 1: still allowed
+    with ablate_units(model, "head", [1]):
+        assert torch.all(model(x)[:, 1] == 0)
+    # a cache recorded channel-last or as tokens is refused before any forward
+    from dissect.ablation import hooks
+    for layout in ("nhwc", "tokens"):
+        with pytest.raises(LayerError, match=f"'units' was recorded with layout '{layout}'"):
+            hooks.check_recorded_layout({"layout": layout}, "units")
+    hooks.check_recorded_layout({"layout": "auto"}, "units")
+    hooks.check_recorded_layout(None, "units")
+
+
 def test_unit_means_stream_over_the_cache() -> None:
     acts = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
     means = compute_unit_means(TensorRows(acts), batch_size=1)

@@ -149,6 +149,21 @@ def test_partial_resume_state(tmp_path: Path, acts: np.ndarray) -> None:
     assert not path.exists() and state.needed_blocks.tolist() == [0, 1, 2]
 
 
+def test_batch_size_is_compared_only_to_resume_a_partial(tmp_path: Path, acts: np.ndarray) -> None:
+    path = cache_path(tmp_path, "conv")
+    write_cache(path, acts, blocks=[0], finish=False)
+    other = dict(FINGERPRINT, batch_size=3)
+    state = CacheState(path, other, 10, 3, force=False)  # kept for a resume with batch 4
+    assert state.partial_batch_size == 4 and state.needed_blocks.tolist() == [0, 1, 2, 3]
+    assert partial_path(path).exists() and not state.shapes
+    state = CacheState(path, FINGERPRINT, 10, 4, force=False)
+    assert state.partial_batch_size == 4 and state.needed_blocks.tolist() == [1, 2]
+    write_cache(path, acts)
+    state = CacheState(path, other, 10, 3, force=False)  # complete: reused as it is
+    assert state.complete and state.needed_blocks.size == 0 and path.exists()
+    assert open_cache(path).fingerprint["batch_size"] == 4
+
+
 def test_unreadable_partial_is_started_again(tmp_path: Path) -> None:
     path = cache_path(tmp_path, "conv")
     path.parent.mkdir(parents=True)

@@ -444,18 +444,49 @@ def test_fingerprint_mismatch_names_field_and_force_rebuilds(dataset: BrodenData
                                expected, atol=1e-5)
 
 
-def test_partial_with_other_fingerprint(dataset: BrodenDataset, tmp_path: Path) -> None:
+def test_partial_with_other_batch_size_resumes_with_its_own(dataset: BrodenDataset,
+                                                             tmp_path: Path) -> None:
     model = HandConv()
-    model.fail_at = 2
+    model.fail_at = 2  # batch 4: block 0 of 3 written, then killed
     with pytest.raises(RuntimeError):
-        record(model, dataset, ["conv"], tmp_path)
-    model.fail_at = None
-    with pytest.raises(CacheError, match=r"conv.h5.partial was recorded.*changed: batch_size"):
-        record(model, dataset, ["conv"], tmp_path, batch_size=5)
+        record(model, dataset, ["conv"], tmp_path, dtype="float32")
+    model.fail_at, model.calls = None, 0
+    record(model, dataset, ["conv"], tmp_path, dtype="float32", batch_size=5)
+    assert model.calls == 2  # the two missing blocks of 4, not a restart with blocks of 5
+    info = open_cache(cache_path(tmp_path, "conv"))
+    assert info.fingerprint["batch_size"] == 4
+    np.testing.assert_allclose(CacheReader(cache_path(tmp_path, "conv")).read(0, N_IMAGES),
+                               hand_conv_expected(pixels_01(dataset)), atol=1e-5)
     model.calls = 0
     record(model, dataset, ["conv"], tmp_path, batch_size=5, force=True)
     assert model.calls == 2
     assert open_cache(cache_path(tmp_path, "conv")).fingerprint["batch_size"] == 5
+
+
+def test_partials_begun_with_different_batch_sizes_are_named(dataset: BrodenDataset,
+                                                             tmp_path: Path) -> None:
+    model = HandConv()
+    for layer, batch in (("conv", 4), ("relu", 3)):
+        model.fail_at, model.calls = 2, 0
+        with pytest.raises(RuntimeError):
+            record(model, dataset, [layer], tmp_path, batch_size=batch)
+    model.fail_at = None
+    with pytest.raises(CacheError, match=r"different batch sizes \[3, 4\].*--force"):
+        record(model, dataset, ["conv", "relu"], tmp_path)
+
+
+def test_complete_cache_is_reused_whatever_the_batch_size(dataset: BrodenDataset,
+                                                          tmp_path: Path) -> None:
+    model = HandConv()
+    paths = record(model, dataset, ["conv"], tmp_path, batch_size=3, logits=True)
+    before = {p: p.read_bytes() for p in (paths["conv"], outputs_path(tmp_path))}
+    model.calls = 0
+    again = record(model, dataset, ["conv"], tmp_path, batch_size=8, logits=True)
+    assert model.calls == 0 and again == paths  # nothing recomputed
+    assert {p: p.read_bytes() for p in before} == before  # same arrays, files untouched
+    # another field than the batch size still refuses the cache
+    with pytest.raises(CacheError, match="changed: dtype"):
+        record(model, dataset, ["conv"], tmp_path, batch_size=8, dtype="float32")
 
 
 # --------------------------------------------------------------------------- options

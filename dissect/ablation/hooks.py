@@ -1,7 +1,11 @@
 """Forward hooks that ablate units of a layer, and the replacement rules.
 
-A unit is a channel (axis 1) of a layer's output tensor. Ablating a set of units replaces their
-output maps by a per-unit constant given by a rule:
+A unit is a channel (axis 1) of a layer's output tensor, which must be (B, C, H, W) or (B, C) -- the
+layouts in which the recorder's units are also axis 1 (DESIGN §4a). Token outputs (B, T, C) and
+channel-last (B, H, W, C) layers are refused with a LayerError (:func:`check_unit_shape`,
+:func:`check_recorded_layout`): ablating axis 1 there would address tokens or rows, not the
+channels the dissection labels. Ablating a set of units replaces their output maps by a per-unit
+constant given by a rule:
 
 - ``zero`` (default): 0.
 - ``mean``: the unit's mean activation over the dataset (``means``, see :func:`compute_unit_means`).
@@ -117,12 +121,41 @@ def check_units(units: Sequence[int] | np.ndarray, n_units: int | None = None) -
     return np.unique(array)
 
 
+#: Recorder layouts (``LayoutOptions.layout``) whose units are not axis 1 of the layer output.
+UNSUPPORTED_LAYOUTS = ("nhwc", "tokens")
+
+
+def check_unit_shape(shape: Any, layer: str) -> tuple[int, ...]:
+    """LayerError unless ``shape`` is a (B, C, H, W) or (B, C) layer output (units on axis 1).
+
+    ``shape`` is the output's shape tuple, or a type name when the output is not a tensor.
+    """
+    if not isinstance(shape, tuple) or len(shape) not in (2, 4):
+        got = f"gives {shape}" if isinstance(shape, tuple) else f"outputs {shape}"
+        if isinstance(shape, tuple) and len(shape) == 3:
+            got += " (transformer tokens (B, T, C)?)"
+        raise LayerError(f"ablation supports layers with (B, C, H, W) (or (B, C)) outputs, units "
+                         f"on axis 1; layer {layer!r} {got}. Ablate a convolutional layer or one "
+                         "whose output has channels on axis 1")
+    return shape
+
+
+def check_recorded_layout(layout: Any, layer: str) -> None:
+    """LayerError when the cache of ``layer`` was recorded with a layout ablation cannot address.
+
+    ``layout`` is the ``layout`` field of a cache fingerprint (a ``LayoutOptions`` dict, or its
+    ``layout`` string); None or 'auto'/'nchw' pass (3-D outputs are refused by the shape check).
+    """
+    name = layout.get("layout") if isinstance(layout, dict) else layout
+    if name in UNSUPPORTED_LAYOUTS:
+        raise LayerError(f"ablation supports layers with (B, C, H, W) (or (B, C)) outputs, units "
+                         f"on axis 1; layer {layer!r} was recorded with layout {name!r}, whose "
+                         "units (channels) are the last axis of the output")
+
+
 def _output_tensor(output: Any, layer: str) -> torch.Tensor:
-    if not isinstance(output, torch.Tensor) or output.dim() < 2:
-        kind = type(output).__name__ if not isinstance(output, torch.Tensor) else \
-            f"a tensor of shape {tuple(output.shape)}"
-        raise LayerError(f"layer {layer!r}: output is {kind}; ablation needs a tensor with units "
-                         "on axis 1 (N, U, ...)")
+    check_unit_shape(tuple(output.shape) if isinstance(output, torch.Tensor)
+                     else type(output).__name__, layer)
     return output
 
 

@@ -17,17 +17,37 @@ import torch
 from torch import nn
 
 from dissect.ablation.engine import SetEvaluator, check_scheduler, evaluate_masks
-from dissect.ablation.hooks import check_rule, check_units, fill_values, find_module
+from dissect.ablation.hooks import (
+    check_recorded_layout,
+    check_rule,
+    check_unit_shape,
+    check_units,
+    fill_values,
+    find_module,
+)
 from dissect.ablation.metrics import ClassCounts
 from dissect.ablation.result import BASELINE, AblationResult, class_index, rank_units
 from dissect.ablation.sources import RowSource
 from dissect.ablation.suffix import split_at_layer
-from dissect.errors import LayerError, OptionError
+from dissect.errors import OptionError
 
 USE_SUFFIX: tuple[object, ...] = ("auto", True, False)
 """Allowed values of ``use_suffix``: 'auto' (suffix path when possible), True (required), False."""
 
 DEFAULT_ROWS_PER_FORWARD = 256
+
+
+def _recorded_layout(activations: RowSource | None) -> Any:
+    """The ``layout`` fingerprint field of a cache-backed activation source (None otherwise)."""
+    path = getattr(activations, "path", None)
+    if path is None:
+        return None
+    try:
+        from dissect.record.cache import open_cache
+
+        return (open_cache(path).fingerprint or {}).get("layout")
+    except Exception:  # noqa: BLE001 - not a readable cache: nothing recorded to check
+        return None
 
 
 def default_sizes(n_units: int) -> list[int]:
@@ -108,6 +128,9 @@ class AblationStudy:
         self.device = str(device) if device is not None else "cpu"
         self.class_names = tuple(str(name) for name in class_names)
         self.labels = self._check_labels(labels, images, activations)
+        check_recorded_layout(_recorded_layout(activations), layer)
+        if images is not None:
+            self._layer_shape(images)  # LayerError for outputs without units on axis 1
         suffix, why = None, "no cached activations were given"
         if use_suffix is not False and activations is not None:
             suffix = split_at_layer(model, layer)
@@ -172,10 +195,7 @@ class AblationStudy:
                     self.device, torch.float32))
         finally:
             handle.remove()
-        if not shapes or not isinstance(shapes[0], tuple) or len(shapes[0]) < 2:
-            got = shapes[0] if shapes else "nothing (the layer did not run)"
-            raise LayerError(f"layer {self.layer!r} outputs {got}; ablation needs a tensor with "
-                             "units on axis 1 (N, U, ...)")
+        check_unit_shape(shapes[0] if shapes else "nothing (the layer did not run)", self.layer)
         self._probed_shape: tuple[int, ...] = shapes[0]
         return shapes[0]
 

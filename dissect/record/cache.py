@@ -42,6 +42,9 @@ COMPRESSIONS = (None, "lzf", "gzip")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 OUTPUTS_NAME = "outputs"
 PARTIAL_SUFFIX = ".partial"
+#: Fingerprint fields that decide only how a cache is written (its block layout), not what it
+#: holds: a complete cache is reused whatever their values; a partial resumes only with the same.
+LAYOUT_FIELDS = ("batch_size",)
 _RECORD_HINT = "run `dissect record` (or dissect.record.record_activations) to create it"
 
 
@@ -103,7 +106,8 @@ def fingerprint_fields(*, weights: str, model: str, layer: str, dataset: str,
 
     ``weights`` is the sha256 of the model's state_dict, ``model`` the model spec, ``dataset`` the
     dataset fingerprint, ``mean``/``std``/``resize`` the preprocessing, ``batch_size`` decides the
-    write blocks; ``extra`` fields (e.g. autocast, output layout) are added as given.
+    write blocks (stored, but not compared for a complete cache: :data:`LAYOUT_FIELDS`); ``extra``
+    fields (e.g. autocast, output layout) are added as given.
     """
     fields = {"weights": weights, "model": model, "layer": layer, "dataset": dataset,
               "mean": [float(v) for v in mean], "std": [float(v) for v in std],
@@ -342,12 +346,20 @@ class CacheState:
         self.complete = False
         self.done = np.zeros(self.n_blocks, dtype=bool)
         self.shapes: dict[str, tuple[int, ...]] = {}
+        #: Batch size of a reusable partial file (its block layout), None when there is none. When
+        #: it differs from ``batch_size`` the partial is kept but not reused by this state:
+        #: resume with a state built for that batch size (as the recorder does).
+        self.partial_batch_size: int | None = None
         self._inspect(force)
 
     def _check(self, file: h5py.File, where: Path) -> bool:
-        """True when ``file`` may be reused; raises CacheError on a fingerprint mismatch."""
+        """True when ``file`` may be reused; raises CacheError on a fingerprint mismatch.
+
+        The :data:`LAYOUT_FIELDS` (``batch_size``) are not compared: they decide only how the file
+        was written, not what it holds (see :meth:`_inspect` for partials).
+        """
         stored = read_fingerprint(file)
-        changed = changed_fields(stored, self.fingerprint)
+        changed = [k for k in changed_fields(stored, self.fingerprint) if k not in LAYOUT_FIELDS]
         if changed:
             raise CacheError(
                 f"cache {where} was recorded with other settings; changed: "
@@ -369,7 +381,7 @@ class CacheState:
             except OSError as error:
                 _raise_if_locked(self.path, error)
                 reuse, complete = False, False  # unreadable: rebuild
-            if reuse and complete:
+            if reuse and complete:  # whatever batch size wrote it: nothing left to compute
                 self.complete = True
                 self.done[:] = True
                 return
@@ -378,14 +390,22 @@ class CacheState:
             try:
                 with h5py.File(self.partial, "r") as file:
                     reuse = self._check(file, self.partial)
+                    stored_batch = read_fingerprint(file).get("batch_size")
                     done = np.asarray(file["done"][:], dtype=bool) if "done" in file else None
                     shapes = {k: tuple(file[k].shape) for k in file if k != "done"}
             except (OSError, KeyError) as error:
                 _raise_if_locked(self.partial, error)
-                reuse, done = False, None  # a partial killed mid-write: start it again
+                reuse, done, stored_batch = False, None, None  # killed mid-write: start again
+            if reuse and done is not None and isinstance(stored_batch, int) \
+                    and stored_batch != self.fingerprint.get("batch_size"):
+                # its blocks are laid out for another batch size: keep it for a resume with that
+                # batch size (the recorder switches to it); nothing of it is reused here
+                self.partial_batch_size = stored_batch
+                return
             if reuse and done is not None and done.shape == self.done.shape:
                 self.done = done
                 self.shapes = shapes
+                self.partial_batch_size = stored_batch if isinstance(stored_batch, int) else None
                 return
             self.partial.unlink()
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dissect.errors import ModelError, OptionError
+from dissect.errors import CacheError, ModelError, OptionError
 from dissect.record.cache import (
     FLOAT16_MAX,
     OUTPUTS_NAME,
@@ -183,7 +183,9 @@ def record_activations(
     ``amax`` (N, U) float32, ``done`` flags per block of ``batch_size`` images. Row n is image n of
     ``dataset``. A rerun skips complete caches and resumes partial ones from their done blocks; a
     cache recorded with other settings raises CacheError naming the changed fingerprint fields,
-    unless ``force`` (then every cache of the call is rebuilt).
+    unless ``force`` (then every cache of the call is rebuilt). The batch size is not such a
+    setting: a complete cache is reused whatever batch size wrote it, and partial caches resume
+    with the batch size they were begun with (their block layout), whatever ``batch_size`` says.
 
     Parameters
     ----------
@@ -201,7 +203,8 @@ def record_activations(
     resize:
         None (images at their stored size), S or (H, W).
     batch_size:
-        Images per forward pass and per cache write block B.
+        Images per forward pass and per cache write block B (a resumed partial cache keeps the
+        batch size it was begun with).
     device:
         None (CUDA when available, else CPU), ``'cpu'``, ``'cuda'``, ``'cuda:N'``.
     dtype:
@@ -264,14 +267,31 @@ def record_activations(
     common = dict(weights=weights_hash(model), model=model_spec or model_name(model),
                   dataset=dataset.fingerprint(), mean=mean_t, std=std_t, resize=resize_t,
                   version=__version__, batch_size=batch_size, autocast=autocast)
-    states = {layer: CacheState(cache_path(run_dir, layer),
-                                fingerprint_fields(layer=layer, dtype=dtype,
-                                                   layout=layouts[layer].as_dict(), **common),
-                                n_images, batch_size, force)
-              for layer in layers}
-    output_state = CacheState(outputs_path(run_dir),
-                              fingerprint_fields(layer=OUTPUTS_NAME, dtype="float32", **common),
-                              n_images, batch_size, force) if logits else None
+    def make_states(batch: int) -> tuple[dict[str, CacheState], CacheState | None]:
+        fields = dict(common, batch_size=batch)
+        layer_states = {layer: CacheState(cache_path(run_dir, layer),
+                                          fingerprint_fields(layer=layer, dtype=dtype,
+                                                             layout=layouts[layer].as_dict(),
+                                                             **fields),
+                                          n_images, batch, force)
+                        for layer in layers}
+        out_state = CacheState(outputs_path(run_dir),
+                               fingerprint_fields(layer=OUTPUTS_NAME, dtype="float32", **fields),
+                               n_images, batch, force) if logits else None
+        return layer_states, out_state
+
+    states, output_state = make_states(batch_size)
+    # A partial's blocks are laid out for the batch size that began it: resume with that one.
+    partial_batches = {state.partial_batch_size
+                       for state in [*states.values(), output_state]
+                       if state is not None and state.partial_batch_size is not None}
+    if len(partial_batches) > 1:
+        raise CacheError(f"partial caches in {Path(run_dir) / 'cache'} were begun with different "
+                         f"batch sizes {sorted(partial_batches)}; rerun with --force (force=True) "
+                         f"to rebuild them, or record their layers separately")
+    if partial_batches and partial_batches != {batch_size}:
+        batch_size = partial_batches.pop()
+        states, output_state = make_states(batch_size)
     for state in [*states.values(), *([output_state] if output_state is not None else [])]:
         if not state.complete and state.needed_blocks.size == 0:
             finish_partial(state)  # killed after its last block, before it was renamed
