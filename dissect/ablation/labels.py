@@ -92,7 +92,7 @@ def _csv_labels(path: Path, dataset: Any, class_names: Sequence[str] | None,
                                    f"dataset's index.csv{hint}")
             if value in position:
                 k = position[value]
-            elif value.isdigit() and (limit is None or int(value) < limit):
+            elif value.isascii() and value.isdigit() and (limit is None or int(value) < limit):
                 k = int(value)
             else:
                 if names is not None:
