@@ -157,14 +157,21 @@ def _use_scheduler(scheduler: str | SchedulerSetup, num_workers: int | None
     return scheduler_context(scheduler, num_workers)
 
 
+def set_task_threads(threads: int | None) -> None:
+    """Inside a task: use ``threads`` torch threads (None: leave the count alone).
+
+    torch's thread count is one setting of the whole process, so tasks running side by side
+    must not save and restore it (they would restore each other's values and could leave it at
+    1); the caller of ``dask.compute`` restores it once with :func:`torch_threads_kept`.
+    """
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Use ``threads`` torch threads in the calling thread for the block (None: unchanged)."""
-    if threads is None:
-        yield
-        return
+def torch_threads_kept() -> Iterator[None]:
+    """Restore torch's thread count after the block (a compute whose tasks may change it)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -225,23 +232,23 @@ def _sum_counts(*counts: IoUCounts) -> IoUCounts:
 
 def _threshold_chunk(reader: ActivationReader, start: int, stop: int, quantile: float,
                      n_values: int, threads: int | None) -> TopKQuantile:
-    with _torch_threads(threads):
-        acts = reader.read(start, stop)
-        state = TopKQuantile(acts.shape[1], quantile, n_values)
-        state.add(acts)
+    set_task_threads(threads)
+    acts = reader.read(start, stop)
+    state = TopKQuantile(acts.shape[1], quantile, n_values)
+    state.add(acts)
     return state
 
 
 def _count_chunk(reader: ActivationReader, dataset: SegmentationSource, start: int, stop: int,
                  thresholds: np.ndarray, primary: np.ndarray, n_categories: int, union: str,
                  threads: int | None, device: str | None) -> IoUCounts:
-    with _torch_threads(threads):
-        acts = reader.read(start, stop)
-        seg, image_labels = dataset.load_segmentations(range(start, stop))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return count_iou(acts, seg, image_labels, thresholds, primary, n_categories,
-                         union=union, device=device)  # type: ignore[arg-type]
+    set_task_threads(threads)
+    acts = reader.read(start, stop)
+    seg, image_labels = dataset.load_segmentations(range(start, stop))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return count_iou(acts, seg, image_labels, thresholds, primary, n_categories,
+                     union=union, device=device)  # type: ignore[arg-type]
 
 
 def _wrap(value: Any, label: str) -> Any:
@@ -283,8 +290,9 @@ def compute_thresholds(reader: ActivationReader, quantile: float, *,
             dask_key_name=f"thresholds-{start}-{uuid.uuid4().hex}")
             for start, stop in image_chunks(n_images, size)]
         # fan-in 4: a merge holds 4 buffers of up to U x K values at once
-        (state,) = dask.compute(tree_reduce(parts, _merge_states, fan_in=4),
-                                **setup.compute_kwargs)
+        with torch_threads_kept():
+            (state,) = dask.compute(tree_reduce(parts, _merge_states, fan_in=4),
+                                    **setup.compute_kwargs)
     return state.result()
 
 
@@ -344,5 +352,6 @@ def compute_counts(reader: ActivationReader, dataset: SegmentationSource,
             source, data, start, stop, thresholds_d, primary_d, int(n_categories), union,
             setup.task_threads, device, dask_key_name=f"counts-{start}-{uuid.uuid4().hex}")
             for start, stop in image_chunks(n_images, size)]
-        (counts,) = dask.compute(tree_reduce(parts, _sum_counts), **setup.compute_kwargs)
+        with torch_threads_kept():
+            (counts,) = dask.compute(tree_reduce(parts, _sum_counts), **setup.compute_kwargs)
     return counts

@@ -139,3 +139,19 @@ def test_unreachable_distributed_scheduler_is_a_dissect_error() -> None:
     with pytest.raises(DissectError, match="--scheduler: cannot connect.*tcp://127.0.0.1:1"):
         with scheduler_context("tcp://127.0.0.1:1", timeout="1s"):
             pass
+
+
+def test_a_threaded_compute_leaves_torchs_thread_count_as_it_was(broden_tiny,
+                                                                  tmp_path: Path) -> None:
+    import torch
+
+    dataset = BrodenDataset(broden_tiny.root)
+    reader = CacheReader(write_cache(tmp_path / "c.h5", random_acts(3, 5, 2)), "acts")
+    torch.set_num_threads(2)
+    try:
+        for _ in range(3):
+            thresholds = compute_thresholds(reader, 0.2, chunk_size=1, scheduler="threads")
+            compute_counts(reader, dataset, thresholds, chunk_size=1, scheduler="threads")
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(2)

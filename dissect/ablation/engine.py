@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import dask
@@ -30,7 +28,12 @@ from dissect.ablation.hooks import ablate_with_fill, apply_unit_masks
 from dissect.ablation.metrics import ClassCounts, count_classes
 from dissect.ablation.sources import RowSource
 from dissect.errors import OptionError
-from dissect.parallel import check_scheduler, scheduler_context
+from dissect.parallel import (
+    check_scheduler,
+    scheduler_context,
+    set_task_threads,
+    torch_threads_kept,
+)
 
 _HOOK_LOCKS: dict[int, threading.Lock] = {}
 _HOOK_LOCKS_GUARD = threading.Lock()
@@ -40,20 +43,6 @@ def _hook_lock(model: nn.Module) -> threading.Lock:
     """One lock per model object in this process: hooked forwards of one model never overlap."""
     with _HOOK_LOCKS_GUARD:
         return _HOOK_LOCKS.setdefault(id(model), threading.Lock())
-
-
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Use ``threads`` torch threads for the block (None: unchanged)."""
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -163,8 +152,8 @@ class SetEvaluator:
 
 def _evaluate_task(evaluator: SetEvaluator, masks: np.ndarray, rows: np.ndarray,
                    threads: int | None) -> ClassCounts:
-    with _torch_threads(threads):
-        return evaluator.evaluate(masks, rows)
+    set_task_threads(threads)
+    return evaluator.evaluate(masks, rows)
 
 
 def evaluate_masks(evaluator: SetEvaluator, masks: np.ndarray, rows: np.ndarray, *,
@@ -191,7 +180,6 @@ def evaluate_masks(evaluator: SetEvaluator, masks: np.ndarray, rows: np.ndarray,
         raise OptionError(f"option sets_per_batch: {sets_per_batch} must be >= 1")
     if masks.shape[0] == 0:
         return ClassCounts.zeros(0, evaluator.n_classes)
-    previous_threads = torch.get_num_threads()
     with scheduler_context(scheduler) as setup:
         # Hooked forwards of one model are serialised by a lock: in threads they keep every core.
         threads = setup.task_threads if evaluator.uses_suffix or scheduler != "threads" else None
@@ -202,8 +190,6 @@ def evaluate_masks(evaluator: SetEvaluator, masks: np.ndarray, rows: np.ndarray,
                      shared, masks[start:start + sets_per_batch], shared_rows,
                      threads, dask_key_name=f"ablation-sets-{start}-{token}")
                  for start in range(0, masks.shape[0], sets_per_batch)]
-        try:
+        with torch_threads_kept():
             parts = dask.compute(*tasks, **setup.compute_kwargs)
-        finally:
-            torch.set_num_threads(previous_threads)  # concurrent tasks may restore each other's
     return ClassCounts.stack(list(parts))
