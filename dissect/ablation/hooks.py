@@ -205,6 +205,17 @@ def mask_replicated(acts: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor)
 
 
 @contextmanager
+def forward_hook(module: nn.Module, hook: Any) -> Iterator[None]:
+    """Register ``hook`` as a forward hook of ``module`` for the block; removed on exit, also
+    after an exception."""
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def ablate_units(model: nn.Module, layer: str, units: Sequence[int] | np.ndarray,
                  rule: str = "zero", means: np.ndarray | None = None) -> Iterator[None]:
     """Ablate ``units`` of ``layer`` during the ``with`` block.
@@ -243,11 +254,8 @@ def ablate_units(model: nn.Module, layer: str, units: Sequence[int] | np.ndarray
                                              dtype=tensor.dtype).reshape(shape)
         return out
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -282,11 +290,8 @@ def ablate_with_fill(model: nn.Module, layer: str, masks: np.ndarray,
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
         return mask_replicated(_output_tensor(output, layer), mask_tensor, fill_tensor)
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -305,11 +310,8 @@ def replace_output(model: nn.Module, layer: str, values: torch.Tensor) -> Iterat
                              f"not match the output shape {tuple(tensor.shape)}")
         return values.to(device=tensor.device, dtype=tensor.dtype).clone()  # in-place ops follow
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 class RowReader(Protocol):
