@@ -289,9 +289,9 @@ def compute_thresholds(reader: ActivationReader, quantile: float, *,
             source, start, stop, float(quantile), n_values, setup.task_threads,
             dask_key_name=f"thresholds-{start}-{uuid.uuid4().hex}")
             for start, stop in image_chunks(n_images, size)]
-        # fan-in 4: a merge holds 4 buffers of up to U x K values at once
+        # fan-in 2: a merge holds its 2 input states and its result (plus a bounded block)
         with torch_threads_kept():
-            (state,) = dask.compute(tree_reduce(parts, _merge_states, fan_in=4),
+            (state,) = dask.compute(tree_reduce(parts, _merge_states, fan_in=2),
                                     **setup.compute_kwargs)
     return state.result()
 

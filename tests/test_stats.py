@@ -298,3 +298,28 @@ def test_mask_pixels_numpy_and_torch_scans_agree() -> None:
     np.testing.assert_array_equal(which, expected[0])
     np.testing.assert_array_equal(pixel, expected[1])
     assert areas.tolist() == (up.numpy() > below.numpy()[:, None]).sum(1).tolist()
+
+
+def test_quantile_state_is_float16_when_lossless_and_exact_in_small_blocks(monkeypatch) -> None:
+    import dissect.stats.quantile as quantile_module
+
+    monkeypatch.setattr(quantile_module, "_BLOCK_VALUES", 7)   # many unit blocks per merge
+    rng = np.random.default_rng(3)
+    half = rng.normal(size=(30, 5, 3, 3)).astype(np.float16)       # a float16 cache
+    full = rng.normal(size=(10, 5, 3, 3)).astype(np.float32)       # not representable
+    capacity = (30 + 10) * 9
+    a = TopKQuantile(5, 0.05, capacity)
+    a.add(half[:15])
+    b = TopKQuantile(5, 0.05, capacity)
+    b.add(half[15:])
+    assert a.buffer.dtype == np.float16 and b.buffer.dtype == np.float16
+    merged = a.merge(b)
+    assert merged.buffer.dtype == np.float16
+    np.testing.assert_array_equal(merged.result(), numpy_thresholds(half, 0.05))
+    c = TopKQuantile(5, 0.05, capacity)
+    c.add(full)
+    assert c.buffer.dtype == np.float32
+    everything = np.concatenate([half.astype(np.float32), full])
+    np.testing.assert_array_equal(c.merge(a, b).result(), numpy_thresholds(everything, 0.05))
+    np.testing.assert_array_equal(b.merge(c).merge(a).result(),
+                                  numpy_thresholds(everything, 0.05))

@@ -10,6 +10,20 @@ import torch
 __all__ = ["TopKQuantile", "quantile_positions"]
 
 
+#: Values a merge handles at once besides its result (64 MB of float32).
+_BLOCK_VALUES = 16 * 2**20
+
+
+def _compact(values: np.ndarray) -> np.ndarray:
+    """``values`` as float16 when every value is exactly a float16 (NaN included), else as is."""
+    if values.dtype == np.float16:
+        return values
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = values.astype(np.float16)
+    same = np.array_equal(half.astype(values.dtype), values, equal_nan=True)
+    return half if same else values
+
+
 def quantile_positions(n_values: int, level: float) -> tuple[int, int, float]:
     """Where ``numpy.quantile(values, level)`` (method 'linear') reads a sorted array.
 
@@ -85,7 +99,10 @@ class TopKQuantile:
         # K = the values at ascending positions previous..n-1 (at least 2 when n allows it).
         self.k = min(self.capacity, max(2, self.capacity - previous))
         self.count = 0
-        self.buffer: np.ndarray | None = None        # (U, min(K, count)) float32/float64
+        # (U, min(K, count)); float16 while every value added is exactly a float16 (a float16
+        # cache), which halves the state, else the values' own float32/float64
+        self.buffer: np.ndarray | None = None
+        self.value_dtype = np.dtype(np.float32)      # dtype the quantile is interpolated in
         self.has_nan = np.zeros(self.n_units, dtype=bool)
 
     # -- accumulation ---------------------------------------------------------------------
@@ -106,11 +123,13 @@ class TopKQuantile:
         if values.shape[0] == 0:
             return
         dtype = np.result_type(values.dtype, np.float32)
+        self.value_dtype = np.result_type(self.value_dtype, dtype)
         per_unit = np.ascontiguousarray(
             np.moveaxis(values, 1, 0).reshape(self.n_units, -1), dtype=dtype)
         self._count(per_unit.shape[1])
         self.has_nan |= np.isnan(per_unit).any(axis=1)
-        self.buffer = self._top(per_unit if self.buffer is None else [self.buffer, per_unit])
+        per_unit = _compact(per_unit)
+        self.buffer = self._top([per_unit] if self.buffer is None else [self.buffer, per_unit])
 
     def merge(self, *others: TopKQuantile) -> TopKQuantile:
         """A new state holding the values of ``self`` and ``others`` (none is modified).
@@ -120,6 +139,7 @@ class TopKQuantile:
         merged = TopKQuantile(self.n_units, self.quantile, self.capacity)
         merged.count = self.count
         merged.has_nan = self.has_nan.copy()
+        merged.value_dtype = self.value_dtype
         for other in others:
             if (other.n_units, other.quantile, other.capacity) != (
                     self.n_units, self.quantile, self.capacity):
@@ -127,6 +147,7 @@ class TopKQuantile:
                                  "quantile or n_values_per_unit")
             merged._count(other.count)
             merged.has_nan |= other.has_nan
+            merged.value_dtype = np.result_type(merged.value_dtype, other.value_dtype)
         buffers = [state.buffer for state in (self, *others) if state.buffer is not None]
         merged.buffer = merged._top(buffers) if buffers else None
         return merged
@@ -137,19 +158,26 @@ class TopKQuantile:
                              f"received {self.count + n_new}")
         self.count += n_new
 
-    def _top(self, parts: np.ndarray | list[np.ndarray]) -> np.ndarray:
-        """The K largest values per unit of (U, m) arrays, as a (U, min(K, total m)) array."""
-        if isinstance(parts, list):
-            dtype = np.result_type(*parts)
-            pool = parts[0] if len(parts) == 1 else np.concatenate(
-                [part.astype(dtype, copy=False) for part in parts], axis=1)
-        else:
-            pool = parts
-        width = pool.shape[1]
-        if width > self.k:
-            # NaN sorts last in np.partition: a unit with NaN keeps it (its result is NaN).
-            pool = np.partition(pool, width - self.k, axis=1)[:, width - self.k:]
-        return np.ascontiguousarray(pool)
+    def _top(self, parts: list[np.ndarray]) -> np.ndarray:
+        """The K largest values per unit of (U, m) arrays, as a (U, min(K, total m)) array.
+
+        Units are processed in blocks partitioned in place, so besides the result a merge holds
+        at most ``_BLOCK_VALUES`` extra values (not a copy of every input).
+        """
+        dtype = np.result_type(*parts)
+        width = sum(part.shape[1] for part in parts)
+        keep = min(self.k, width)
+        out = np.empty((self.n_units, keep), dtype=dtype)
+        step = max(1, _BLOCK_VALUES // max(width, 1))
+        for start in range(0, self.n_units, step):
+            stop = min(start + step, self.n_units)
+            pool = np.concatenate([part[start:stop].astype(dtype, copy=False)
+                                   for part in parts], axis=1)
+            if width > keep:
+                # NaN sorts last in np.partition: a unit with NaN keeps it (its result is NaN).
+                pool.partition(width - keep, axis=1)
+            out[start:stop] = pool[:, width - keep:]
+        return out
 
     # -- result ----------------------------------------------------------------------------
     def result(self) -> np.ndarray:
@@ -165,8 +193,8 @@ class TopKQuantile:
         width = self.buffer.shape[1]
         wanted = sorted({lowest, following - offset})
         part = np.partition(self.buffer, wanted, axis=1) if width > 1 else self.buffer
-        a = part[:, lowest]
-        b = part[:, following - offset]
+        a = part[:, lowest].astype(self.value_dtype)
+        b = part[:, following - offset].astype(self.value_dtype)
         # numpy's _lerp, evaluated in the buffer dtype with a Python-float weight.
         diff = b - a
         value = a + diff * gamma
