@@ -353,7 +353,7 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
                 cache, dataset, layer=layer, quantile=config.quantile,
                 thresholds=config.thresholds, union=config.union,
                 iou_threshold=config.iou_threshold, scheduler=config.scheduler,
-                out_dir=layer_dir)
+                device=config.device, out_dir=layer_dir)
         timing.extra["options"] = options
         _record_stage(config.run_dir, name, timing)
     if save_config:

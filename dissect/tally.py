@@ -165,7 +165,8 @@ class DissectionResult:
         NetDissect-Lite's ``argsort()[::-1]``; see :func:`dissect.stats.unit_order`): ``unit``
         (1-based), ``category`` and ``label`` (name) of the unit's label, ``score`` (its IoU),
         then per category ``<cat>-label`` (best label name in the category, '-' for none),
-        ``<cat>-truth`` (its label_area), ``<cat>-activation`` (act_area[u, cat]),
+        ``<cat>-truth`` (its label_area), ``<cat>-activation`` (act_area[u, cat]; for label 0,
+        the last category's, as NetDissect-Lite),
         ``<cat>-intersect`` (intersection[u, label]) and ``<cat>-iou``. Ints and floats are
         Python numbers.
         """
@@ -182,7 +183,10 @@ class DissectionResult:
                 label = int(self.cat_label[u, c])
                 row[f"{category}-label"] = self.label_names[label]
                 row[f"{category}-truth"] = int(self.label_area[label])
-                row[f"{category}-activation"] = int(self.act_area[u, c])
+                # NetDissect-Lite reads this through the label's primary category; label 0
+                # (no label in the category) has the last category there (coverage ties).
+                activation_category = c if label else len(self.categories) - 1
+                row[f"{category}-activation"] = int(self.act_area[u, activation_category])
                 row[f"{category}-intersect"] = int(self.intersection[u, label])
                 row[f"{category}-iou"] = float(self.cat_iou[u, c])
             rows.append(row)

@@ -323,3 +323,18 @@ def test_quantile_state_is_float16_when_lossless_and_exact_in_small_blocks(monke
     np.testing.assert_array_equal(c.merge(a, b).result(), numpy_thresholds(everything, 0.05))
     np.testing.assert_array_equal(b.merge(c).merge(a).result(),
                                   numpy_thresholds(everything, 0.05))
+
+
+@pytest.mark.parametrize("shape,size", [((7, 7), (28, 28)), ((16, 16), (8, 8)),
+                                        ((12, 5), (6, 10))])
+def test_upsample_maps_matches_pil_bilinear_when_enlarging_and_shrinking(shape, size) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(3, *shape)).astype(np.float32)
+    ours = upsample_maps(maps, size)
+    pil = np.stack([np.asarray(Image.fromarray(m, "F").resize(size[::-1], Image.BILINEAR))
+                    for m in maps])
+    np.testing.assert_allclose(ours, pil, rtol=0, atol=2e-6)
+    # the skip rule of DESIGN §3 relies on this: a resized map never exceeds the map's maximum
+    assert (ours.max(axis=(1, 2)) <= maps.max(axis=(1, 2))).all()

@@ -322,3 +322,19 @@ def test_planted_units_get_their_labels(toy_dataset: Path, tmp_path: Path) -> No
            for unit in planted_labels()}
     assert got == planted_labels()
     assert all(result.unit_iou[unit] >= result.iou_threshold for unit in planted_labels())
+
+
+def test_activation_column_of_an_empty_category_is_netdissect_lites() -> None:
+    from dissect.stats import IoUCounts
+    from dissect.tally import DissectionResult
+
+    counts = IoUCounts(np.array([0, 10, 20]), np.array([[0, 0, 4]]), np.array([[7, 5]]))
+    result = DissectionResult.from_counts("x", ["color", "scene"], np.zeros(1), counts,
+                                          ["-", "red", "street"], np.array([-1, 0, 1]))
+    (row,) = result.table()
+    # color has no positive IoU: its label is 0, whose primary category in NetDissect-Lite is
+    # the last one, so the activation column shows scene's act_area (5), not color's (7)
+    assert (row["color-label"], row["color-activation"], row["color-iou"]) == ("-", 5, 0.0)
+    assert (row["scene-label"], row["scene-activation"], row["scene-intersect"]) == (
+        "street", 5, 4)
+    assert row["score"] == 4 / 21

@@ -109,7 +109,10 @@ def upsample_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int]
     """Bilinear upsampling of activation maps with half-pixel centres and edge clamping.
 
     ``torch.nn.functional.interpolate(mode='bilinear', align_corners=False)``, which equals PIL's
-    BILINEAR resize when enlarging. The result of one map does not depend on the batch it is in.
+    BILINEAR resize (NetDissect-Lite's) when enlarging. A map larger than ``size`` in either
+    direction (e.g. an early VGG layer at 224 against Broden's 112 masks) is resized with
+    ``antialias=True``, as PIL's BILINEAR filter does when shrinking; both never exceed the map's
+    maximum. The result of one map does not depend on the batch it is in.
 
     Parameters
     ----------
@@ -126,8 +129,10 @@ def upsample_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int]
     tensor = _as_tensor(maps, torch.float32, _device_of(maps, None))
     if tensor.ndim != 3:
         raise ValueError(f"maps must be (n, h, w), got shape {tuple(tensor.shape)}")
-    up = F.interpolate(tensor[:, None], size=(int(size[0]), int(size[1])), mode="bilinear",
-                       align_corners=False)[:, 0]
+    target = (int(size[0]), int(size[1]))
+    shrinks = tensor.shape[1] > target[0] or tensor.shape[2] > target[1]
+    up = F.interpolate(tensor[:, None], size=target, mode="bilinear", align_corners=False,
+                       antialias=shrinks)[:, 0]
     return up.numpy() if as_numpy else up
 
 
