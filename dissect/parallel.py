@@ -125,7 +125,7 @@ def scheduler_context(scheduler: str = "threads", num_workers: int | None = None
         yield SchedulerSetup({"scheduler": "synchronous"}, None)
         return
     if name in ("threads", "processes"):
-        workers = int(num_workers) if num_workers else cores
+        workers = cores if num_workers is None else int(num_workers)
         if workers < 1:
             raise OptionError(f"num_workers: {num_workers!r} must be >= 1")
         threads = 1        # parallelism comes from the Dask workers: one torch thread each
@@ -176,6 +176,13 @@ def torch_threads_kept() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    """A positive number of images per chunk (OptionError otherwise)."""
+    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+        raise OptionError(f"chunk_size: expected a positive number of images, got {chunk_size!r}")
+    return int(chunk_size)
 
 
 def default_chunk_size(shape: Sequence[int], seg_size: tuple[int, int] = (0, 0),
@@ -282,7 +289,7 @@ def compute_thresholds(reader: ActivationReader, quantile: float, *,
     if n_images == 0:
         raise DissectError("cannot compute thresholds of a cache with no images")
     n_values = int(np.prod(shape)) // shape[1] if len(shape) > 1 else n_images
-    size = chunk_size or default_chunk_size(shape)
+    size = default_chunk_size(shape) if chunk_size is None else check_chunk_size(chunk_size)
     with _use_scheduler(scheduler, num_workers) as setup:
         source = _wrap(reader, "reader")
         parts = [dask.delayed(_threshold_chunk, pure=False)(
@@ -342,7 +349,8 @@ def compute_counts(reader: ActivationReader, dataset: SegmentationSource,
     if n_images == 0:
         return IoUCounts.zeros(shape[1], len(primary), int(n_categories))
     seg_size = getattr(dataset, "seg_size", (0, 0))
-    size = chunk_size or default_chunk_size(shape, seg_size)
+    size = (default_chunk_size(shape, seg_size) if chunk_size is None
+            else check_chunk_size(chunk_size))
     with _use_scheduler(scheduler, num_workers) as setup:
         source = _wrap(reader, "reader")
         data = _wrap(dataset, "dataset")

@@ -155,3 +155,10 @@ def test_a_threaded_compute_leaves_torchs_thread_count_as_it_was(broden_tiny,
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(2)
+
+
+def test_a_chunk_size_that_is_not_positive_is_refused(tmp_path: Path) -> None:
+    reader = CacheReader(write_cache(tmp_path / "c.h5", random_acts(3, 2, 2)), "acts")
+    for bad in (0, -2, 1.5):
+        with pytest.raises(OptionError, match="chunk_size"):
+            compute_thresholds(reader, 0.2, chunk_size=bad, scheduler="synchronous")
