@@ -273,10 +273,9 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from dissect.record import format_layers, list_layers, load_model
+    from dissect.record import describe_layers
 
-    model = load_model(args.model, args.weights, args.num_classes)
-    print(format_layers(list_layers(model, (3, *args.input_size))))
+    print(describe_layers(args.model, args.weights, (3, *args.input_size), args.num_classes))
     return 0
 
 

@@ -113,7 +113,8 @@ def check_cache_matches(info: Any, wanted: dict[str, Any]) -> None:
         described = ", ".join(f"{key} (cache {str(stored[key])[:24]!r}, now "
                               f"{str(wanted[key])[:24]!r})" for key in changed)
         raise CacheError(f"cache {info.path} was recorded with another {described}; record the "
-                         "layer again (`dissect record ... --force`) or pass use_cache=False")
+                         "layer again (`dissect record ... --force`), or from Python pass "
+                         "use_cache=False to run the whole model")
 
 
 def _load_dissection(run_dir: Path, layer: str) -> Any:
