@@ -69,3 +69,12 @@ def test_stage_timer_measures_wall_time_and_memory():
         block[::4096] = b"x" * len(block[::4096])
     assert timing.wall_s > 0
     assert timing.peak_rss_mb >= 64
+
+
+def test_layers_lists_names_types_and_output_shapes(capsys):
+    assert main(["layers", "dissect.toy:toy_model", "--input-size", "64"]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert lines["conv4"][1:] == ["Sequential", "64x8x8"]
+    assert lines["fc"][1:] == ["Linear", "5"]
+    assert main(["layers", "no_such_model"]) == 2
+    assert "no_such_model" in capsys.readouterr().err
