@@ -321,7 +321,7 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
     from dissect.tally import dissect_layer, load_dissection
 
     dataset = open_dataset(config)
-    recorded_dataset = BrodenDataset(config.dataset).fingerprint()
+    recorded_dataset = dataset.fingerprint(selection=False)
     results = {}
     stages = read_run(config.run_dir).get("stages", {})
     layers = list(layers or config.layers)

@@ -196,3 +196,14 @@ def test_record_options_reach_the_recorder(toy_dataset, tmp_path):
     config = json.loads((out / "run.json").read_text())["config"]
     assert (config["autocast"], config["channels_last"], config["batch_size"]) == (
         "bfloat16", True, 24)
+
+
+def test_tally_with_a_category_selection_uses_the_recorded_cache(recorded_run):
+    import csv
+
+    assert main(["tally", "--run", str(recorded_run), "--layers", "conv4", "--categories",
+                 "object", "part", "--scheduler", "synchronous"]) == 0
+    with open(recorded_run / "conv4" / "tally.csv") as handle:
+        header = next(csv.reader(handle))
+    assert header[:4] == ["unit", "category", "label", "score"]
+    assert [c for c in header[4:] if c.endswith("-label")] == ["object-label", "part-label"]

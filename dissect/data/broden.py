@@ -509,15 +509,21 @@ class BrodenDataset:
         """(sh, sw), the same for every selected image (DatasetError otherwise)."""
         return self._uniform("seg_size", "sh,sw")
 
-    def fingerprint(self) -> str:
-        """sha256 over the dataset's csv files and the category and split selection."""
+    def fingerprint(self, selection: bool = True) -> str:
+        """sha256 over the dataset's csv files and the category and split selection.
+
+        ``selection=False`` gives the fingerprint of the same dataset opened with no category or
+        split selection (what the recorder stores), without parsing it again.
+        """
         digest = hashlib.sha256()
         names = ["index.csv", "category.csv", "label.csv"] + [
             f"c_{category}.csv" for category in self._all_categories]
         for name in names:
             digest.update(name.encode())
             digest.update((self.root / name).read_bytes())
-        digest.update(repr((self.categories, self.selected_splits)).encode())
+        chosen = (self.categories, self.selected_splits) if selection else (
+            self._all_categories, None)
+        digest.update(repr(chosen).encode())
         return digest.hexdigest()
 
     def _where(self, index: int) -> str:
