@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -168,14 +169,28 @@ def set_task_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+_THREADS_GUARD = threading.Lock()
+_THREADS_STATE = {"depth": 0, "saved": 0}
+
+
 @contextmanager
 def torch_threads_kept() -> Iterator[None]:
-    """Restore torch's thread count after the block (a compute whose tasks may change it)."""
-    previous = torch.get_num_threads()
+    """Restore torch's thread count after the block (a compute whose tasks may change it).
+
+    Blocks may overlap (two dissections from two threads): the first to enter saves the count
+    and the last to leave restores it, so none restores a value a task had set.
+    """
+    with _THREADS_GUARD:
+        if _THREADS_STATE["depth"] == 0:
+            _THREADS_STATE["saved"] = torch.get_num_threads()
+        _THREADS_STATE["depth"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        with _THREADS_GUARD:
+            _THREADS_STATE["depth"] -= 1
+            if _THREADS_STATE["depth"] == 0:
+                torch.set_num_threads(_THREADS_STATE["saved"])
 
 
 def check_chunk_size(chunk_size: int) -> int:

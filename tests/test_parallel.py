@@ -162,3 +162,20 @@ def test_a_chunk_size_that_is_not_positive_is_refused(tmp_path: Path) -> None:
     for bad in (0, -2, 1.5):
         with pytest.raises(OptionError, match="chunk_size"):
             compute_thresholds(reader, 0.2, chunk_size=bad, scheduler="synchronous")
+
+
+def test_overlapping_computes_restore_the_count_saved_before_the_first() -> None:
+    import torch
+
+    from dissect.parallel import set_task_threads, torch_threads_kept
+
+    torch.set_num_threads(2)
+    try:
+        with torch_threads_kept():
+            set_task_threads(1)                   # a task of the first compute
+            with torch_threads_kept():            # a second compute starts meanwhile
+                set_task_threads(1)
+            assert torch.get_num_threads() == 1   # the first compute is still running
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(2)
