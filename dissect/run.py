@@ -174,6 +174,11 @@ def write_run_json(config: RunConfig, *, device: str | None = None,
         "device": device or previous.get("device") or "cpu",
         "stages": {**previous.get("stages", {}), **(stages or {})},
     }
+    return _save_run(path, data)
+
+
+def _save_run(path: Path, data: dict[str, Any]) -> Path:
+    """Write run.json whole (a partial file renamed into place), so a reader never sees half."""
     temporary = path.with_suffix(".json.partial")
     temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     temporary.replace(path)
@@ -242,10 +247,7 @@ def stage_timer(interval: float = 0.05) -> Iterator[StageTiming]:
 def _record_stage(run_dir: Path, name: str, timing: StageTiming) -> None:
     data = read_run(run_dir)
     data["stages"][name] = timing.to_json()
-    path = run_json_path(run_dir)
-    temporary = path.with_suffix(".json.partial")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    temporary.replace(path)
+    _save_run(run_json_path(run_dir), data)
 
 
 def _device_name(device: str | None) -> str:

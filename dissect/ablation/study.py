@@ -24,6 +24,7 @@ from dissect.ablation.hooks import (
     check_units,
     fill_values,
     find_module,
+    forward_hook,
 )
 from dissect.ablation.metrics import ClassCounts
 from dissect.ablation.result import BASELINE, AblationResult, class_index, rank_units
@@ -187,14 +188,11 @@ class AblationStudy:
             return self._probed_shape
         shapes: list[object] = []
         module = find_module(self.model, self.layer)
-        handle = module.register_forward_hook(lambda _m, _i, out: shapes.append(
+        record = (lambda _m, _i, out: shapes.append(
             tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__))
-        try:
-            with torch.no_grad():
-                self.model(torch.as_tensor(images.read_rows(np.array([0]))).to(
-                    self.device, torch.float32))
-        finally:
-            handle.remove()
+        with forward_hook(module, record), torch.no_grad():
+            self.model(torch.as_tensor(images.read_rows(np.array([0]))).to(
+                self.device, torch.float32))
         check_unit_shape(shapes[0] if shapes else "nothing (the layer did not run)", self.layer)
         self._probed_shape: tuple[int, ...] = shapes[0]
         return shapes[0]
