@@ -21,6 +21,7 @@ from dissect.record.cache import (
     fingerprint_fields,
     layer_datasets,
     partial_path,
+    write_rows,
 )
 
 FINGERPRINT = fingerprint_fields(weights="w0", model="m", layer="conv", dataset="d0",
@@ -189,3 +190,25 @@ def test_open_cache_errors(tmp_path: Path) -> None:
     (tmp_path / "broken.h5").write_bytes(b"not hdf5")
     with pytest.raises(CacheError, match="cannot read cache"):
         open_cache(tmp_path / "broken.h5")
+
+
+@pytest.mark.parametrize("chunks, compression", [
+    ((4, 3, 2, 2), None),      # a block is one chunk: written directly
+    ((8, 3, 2, 2), None),      # two blocks per chunk: through the chunk cache
+    ((4, 3, 2, 2), "lzf"),     # filtered: through the filter pipeline
+    ((2, 3, 2, 2), None),      # a block spans two chunks
+])
+def test_write_rows_equals_slice_assignment(tmp_path: Path, chunks: tuple[int, ...],
+                                            compression: str | None) -> None:
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((10, 3, 2, 2)).astype(np.float16)
+    with h5py.File(tmp_path / "a.h5", "w") as file:
+        dataset = file.create_dataset("acts", shape=data.shape, dtype="float16", chunks=chunks,
+                                      compression=compression)
+        for start in (4, 0, 8):  # out of order; the last block is short (2 rows)
+            write_rows(dataset, start, data[start:start + 4])
+        file.flush()
+        np.testing.assert_array_equal(dataset[:], data)
+    with h5py.File(tmp_path / "a.h5", "r") as file:  # what reached the file, read back
+        np.testing.assert_array_equal(file["acts"][:], data)
+        assert file["acts"].compression == compression

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -115,6 +117,52 @@ def logits_array(output: Any) -> np.ndarray:
         raise ModelError(f"logits=True needs a model output of shape (B, C); the model returned "
                          f"{shape}")
     return tensor.detach().float().cpu().numpy()
+
+
+class BackgroundWriter:
+    """Runs block writes on one background thread, in order, while the next forward pass runs.
+
+    ``submit(job)`` queues a callable (one block's host conversion, checks and cache writes); at
+    most ``depth`` jobs wait, so memory stays bounded whatever the dataset size. Used as a context
+    manager: leaving the block waits for every queued job (blocks already computed are written
+    even when the caller fails, so a resume does not redo them). The first exception raised by a
+    job is raised by the next :meth:`submit` or on leaving the block; jobs after it are dropped.
+    """
+
+    _STOP = object()
+
+    def __init__(self, depth: int = 2) -> None:
+        self.error: BaseException | None = None
+        self._jobs: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._thread = threading.Thread(target=self._run, name="dissect-cache-writer",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is self._STOP:
+                return
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as error:  # handed to the caller by submit / __exit__
+                    self.error = error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue ``job`` (blocks while ``depth`` jobs wait); raises a failed job's exception."""
+        if self.error is not None:
+            raise self.error
+        self._jobs.put(job)
+
+    def __enter__(self) -> "BackgroundWriter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        self._jobs.put(self._STOP)
+        self._thread.join()
+        if error is None and self.error is not None:
+            raise self.error
 
 
 @contextlib.contextmanager
@@ -331,11 +379,27 @@ def _record_pass(model: nn.Module, dataset: Any, todo: Mapping[str, CacheState],
     writers: dict[str, CacheWriter] = {}
     bar = tqdm(total=len(indices), unit="img", desc="record", disable=not progress,
                leave=False, smoothing=0.1)
+
+    def write_job(block: int, start: int, maps: Mapping[str, StoredMaps], output: Any
+                  ) -> Callable[[], None]:
+        """The background job of one block: host arrays, float16 range check, cache writes."""
+        def job() -> None:
+            arrays: dict[str, dict[str, np.ndarray]] = {}
+            for layer in hooked:
+                if not todo[layer].done[block]:
+                    arrays[layer] = cache_arrays(maps[layer], dtype, layer, start)
+            if output_state is not None and not output_state.done[block]:
+                arrays[OUTPUTS_NAME] = {"logits": logits_array(output)}
+            for name, block_arrays in arrays.items():
+                writers[name].write_block(block, block_arrays)
+        return job
+
     try:
         recorder = LayerRecorder(model, hooked, {k: layouts[k] for k in hooked},
                                  store_maps(dtype)) if hooked else None
         with prepared_model(model, device, channels_last), \
-                recorder or contextlib.nullcontext(), torch.inference_mode():
+                recorder or contextlib.nullcontext(), torch.inference_mode(), \
+                BackgroundWriter() as background:
             for images, index in loader:
                 block = int(index[0]) // batch_size
                 start, stop = block_range(block, batch_size, n_images)
@@ -349,17 +413,10 @@ def _record_pass(model: nn.Module, dataset: Any, todo: Mapping[str, CacheState],
                       else contextlib.nullcontext()):
                     output = model(images)
                 maps = recorder.maps() if recorder is not None else {}
-                arrays: dict[str, dict[str, np.ndarray]] = {}
-                for layer in hooked:
-                    if not todo[layer].done[block]:
-                        arrays[layer] = cache_arrays(maps[layer], dtype, layer, start)
-                if output_state is not None and not output_state.done[block]:
-                    arrays[OUTPUTS_NAME] = {"logits": logits_array(output)}
                 if not writers:
                     writers.update(_open_writers(todo, maps, output, n_images, batch_size,
                                                  dtype, compression))
-                for name, block_arrays in arrays.items():
-                    writers[name].write_block(block, block_arrays)
+                background.submit(write_job(block, start, maps, output))
                 bar.update(len(index))
         for writer in writers.values():
             writer.finish()
