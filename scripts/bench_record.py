@@ -5,7 +5,10 @@ same batch size, decoding workers, device) twice: once with a plain ``model(imag
 through ``record_activations`` (hooks, float16 conversion, per-layer amax, HDF5 writes with a
 flush per block). It prints images/s of both (best of the repeats) and the recorder's overhead
 (goal: <= 10 %), and the CPU time per image of both (this process and the loader's workers), which
-shows the recorder's own cost even on a busy machine where wall times are noisy.
+shows the recorder's own cost even on a busy machine where wall times are noisy. The last column,
+"writes alone", is the time to write the same cache (same shapes, chunks, flushes and done flags,
+random float16 values) with no model running: the part of the overhead that is the data volume
+itself, which on a CPU with every core busy cannot be hidden behind the forward pass.
 Then it records datasets of two sizes in fresh subprocesses and prints their peak RSS: the
 recorder streams, so memory must not grow with the number of images.
 
@@ -35,6 +38,13 @@ sys.path.insert(0, str(REPO))
 
 from dissect.data import IMAGENET_MEAN, IMAGENET_STD, BrodenDataset, make_loader  # noqa: E402
 from dissect.record import load_model, record_activations, resolve_device  # noqa: E402
+from dissect.record.cache import (  # noqa: E402
+    CacheState,
+    CacheWriter,
+    block_range,
+    layer_datasets,
+    n_blocks,
+)
 
 MODELS = {
     "toy": ("dissect.toy:toy_model", ["conv1", "conv2", "conv3", "conv4"]),
@@ -78,6 +88,46 @@ def recorder_pass(model: torch.nn.Module, dataset: BrodenDataset, layers: list[s
                        num_workers=num_workers)
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def writes_alone(run_dir: Path, work: Path, batch_size: int) -> float:
+    """Seconds to write caches shaped like those in ``run_dir`` with no model running.
+
+    Same datasets, chunks, per-block flushes and done flags as the recorder (``CacheWriter``), on
+    fresh files; the values are random float16 (cached per block shape, generated before timing).
+    """
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shapes = []
+    for path in sorted((run_dir / "cache").glob("*.h5")):
+        with h5py.File(path, "r") as file:
+            shapes.append((path.stem, file["acts"].shape, str(file["acts"].dtype)))
+    target = work / "writes_alone"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    jobs = []
+    for name, shape, dtype in shapes:
+        n_images, maps = shape[0], shape[1:]
+        specs = layer_datasets(n_images, maps, dtype, batch_size)
+        block = {"acts": rng.standard_normal((batch_size, *maps)).astype(dtype),
+                 "amax": rng.standard_normal((batch_size, maps[0])).astype(np.float32)}
+        state = CacheState(target / f"{name}.h5", {"layer": name}, n_images, batch_size, True)
+        jobs.append((specs, state, block, n_images))
+    start = time.perf_counter()
+    for specs, state, block, n_images in jobs:
+        writer = CacheWriter(state, specs, batch_size)
+        try:
+            for b in range(n_blocks(n_images, batch_size)):
+                lo, hi = block_range(b, batch_size, n_images)
+                writer.write_block(b, {k: v[:hi - lo] for k, v in block.items()})
+            writer.finish()
+        finally:
+            writer.close()
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(target, ignore_errors=True)
+    return elapsed
 
 
 def child_rss(spec: str, layers: list[str], dataset: str, run_dir: str, batch_size: int,
@@ -140,7 +190,7 @@ def main() -> None:
         dataset = BrodenDataset(root)
         print(f"{'model':<9} {'layers':<24} {'bare img/s':>10} {'record img/s':>12} "
               f"{'overhead':>8} {'paired':>8} {'bare CPU ms/img':>15} {'record CPU ms/img':>17} "
-              f"{'CPU overhead':>12} {'cache MB':>8}")
+              f"{'CPU overhead':>12} {'cache MB':>8} {'writes alone ms/img':>19}")
         for name in args.models.split(","):
             spec, layers = MODELS[name]
             model = load_model(spec)
@@ -158,12 +208,16 @@ def main() -> None:
             paired = statistics.median(r / b for (b, _), (r, _) in zip(bare, recorded)) - 1
             bare_cpu = statistics.median(c for _, c in bare)
             record_cpu = statistics.median(c for _, c in recorded)
+            alone = min(writes_alone(run_dir, work, args.batch_size) for _ in range(args.repeats))
             print(f"{name:<9} {','.join(layers):<24} {n / bare_wall:>10.1f} "
                   f"{n / record_wall:>12.1f} {record_wall / bare_wall - 1:>+8.1%} {paired:>+8.1%} "
                   f"{1e3 * bare_cpu / n:>15.2f} {1e3 * record_cpu / n:>17.2f} "
-                  f"{record_cpu / bare_cpu - 1:>+12.1%} {cache_megabytes(run_dir):>8.1f}")
+                  f"{record_cpu / bare_cpu - 1:>+12.1%} {cache_megabytes(run_dir):>8.1f} "
+                  f"{1e3 * alone / n:>19.3f}")
         print("(img/s and overhead: best of the repeats; paired: median over the repeats of the "
-              "wall-time ratio of back-to-back runs; CPU: median, this process + loader workers)")
+              "wall-time ratio of back-to-back runs; CPU: median, this process + loader workers; "
+              "writes alone: best of the repeats, bare forward ms/img for comparison: 1000 / bare "
+              "img/s)")
 
         sizes = [int(v) for v in args.rss_sizes.split(",")]
         print(f"\npeak RSS of a recording subprocess (resnet18 layer1..4, {args.size} px)")

@@ -383,7 +383,15 @@ def _record_pass(model: nn.Module, dataset: Any, todo: Mapping[str, CacheState],
     def write_job(block: int, start: int, maps: Mapping[str, StoredMaps], output: Any
                   ) -> Callable[[], None]:
         """The background job of one block: host arrays, float16 range check, cache writes."""
+        # on CUDA the hooks' copies are queued on the caller's current stream: the writer thread
+        # waits for them before its device-to-host copies (made on its own default stream)
+        ready = torch.cuda.Event() if device.type == "cuda" else None
+        if ready is not None:
+            ready.record(torch.cuda.current_stream(device))
+
         def job() -> None:
+            if ready is not None:
+                ready.synchronize()
             arrays: dict[str, dict[str, np.ndarray]] = {}
             for layer in hooked:
                 if not todo[layer].done[block]:
