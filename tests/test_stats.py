@@ -18,6 +18,7 @@ from dissect.stats import (
     threshold_below,
     unit_order,
     upsample_maps,
+    upsample_pixel_major,
 )
 
 
@@ -127,11 +128,20 @@ def test_upsample_equals_pil_bilinear() -> None:
 
 
 def test_upsample_does_not_depend_on_batch() -> None:
+    # torch's channels-last kernel rounds its vectorised lanes and its remainder loop differently;
+    # padding keeps every map in the lanes, whatever the batch size (1..70 crosses every SIMD
+    # width's remainder)
     rng = np.random.default_rng(1)
-    maps = rng.normal(size=(9, 7, 7)).astype(np.float32)
-    whole = upsample_maps(maps, (112, 112))
-    for i in range(9):
-        np.testing.assert_array_equal(upsample_maps(maps[i:i + 1], (112, 112))[0], whole[i])
+    maps = rng.normal(size=(70, 7, 7)).astype(np.float32)
+    alone = np.stack([upsample_maps(maps[i:i + 1], (112, 112))[0] for i in range(70)])
+    for n in (2, 7, 9, 17, 31, 33, 64, 70):
+        np.testing.assert_array_equal(upsample_maps(maps[:n], (112, 112)), alone[:n])
+    planar = torch.nn.functional.interpolate(torch.from_numpy(maps)[:, None], size=(112, 112),
+                                             mode="bilinear", align_corners=False)[:, 0]
+    np.testing.assert_allclose(alone, planar.numpy(), rtol=1e-6, atol=1e-6)
+    pixel_major = upsample_pixel_major(torch.from_numpy(maps), (112, 112))
+    assert pixel_major.shape == (112 * 112, 70)
+    np.testing.assert_array_equal(pixel_major.T.reshape(70, 112, 112).numpy(), alone)
 
 
 def test_threshold_below_is_exact_for_float32() -> None:
@@ -287,17 +297,18 @@ def test_mask_pixels_numpy_and_torch_scans_agree() -> None:
     from dissect.stats.iou import _mask_pixels
 
     rng = np.random.default_rng(0)
-    up = torch.from_numpy(rng.normal(size=(5, 37)).astype(np.float32))
+    planar = rng.normal(size=(5, 37)).astype(np.float32)             # (B, S)
+    up = torch.from_numpy(planar).T                                  # (S, B) pixel-major view
     below = torch.tensor([0.0, 0.5, 3.0, -1.0, 1.0])
     numpy_scan = _mask_pixels(up, below, use_numpy=True)
     torch_scan = _mask_pixels(up, below, use_numpy=False)
     for a, b in zip(numpy_scan, torch_scan):
         np.testing.assert_array_equal(a, b)
     which, pixel, areas = numpy_scan
-    expected = np.nonzero(up.numpy() > below.numpy()[:, None])
-    np.testing.assert_array_equal(which, expected[0])
-    np.testing.assert_array_equal(pixel, expected[1])
-    assert areas.tolist() == (up.numpy() > below.numpy()[:, None]).sum(1).tolist()
+    expected_pixel, expected_which = np.nonzero(planar.T > below.numpy()[None, :])
+    np.testing.assert_array_equal(which, expected_which)
+    np.testing.assert_array_equal(pixel, expected_pixel)
+    assert areas.tolist() == (planar > below.numpy()[:, None]).sum(1).tolist()
 
 
 def test_quantile_state_is_float16_when_lossless_and_exact_in_small_blocks(monkeypatch) -> None:

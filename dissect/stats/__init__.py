@@ -16,6 +16,7 @@ from dissect.stats.iou import (
     iou_from_counts,
     threshold_below,
     upsample_maps,
+    upsample_pixel_major,
 )
 from dissect.stats.quantile import TopKQuantile, quantile_positions
 
@@ -31,4 +32,5 @@ __all__ = [
     "quantile_positions",
     "threshold_below",
     "upsample_maps",
+    "upsample_pixel_major",
 ]
