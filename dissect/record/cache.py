@@ -467,7 +467,7 @@ class CacheWriter:
         self.file.flush()
         self._arrays["done"][block] = True
         self.state.done[block] = True
-        self.file.attrs["n_written"] = self.n_written
+        self.file.attrs.modify("n_written", self.n_written)  # in place: no delete + create
         self.file.flush()
 
     @property
