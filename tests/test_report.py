@@ -601,3 +601,15 @@ def test_missing_outputs_raise_cache_errors(synthetic_run: Path, tmp_path: Path)
         build_report_data(run_dir)
     with pytest.raises(OptionError, match="top_k"):
         build_report_data(synthetic_run, top_k=0)
+
+
+def test_render_again_removes_strips_of_units_that_are_gone(synthetic_run: Path,
+                                                            tmp_path: Path) -> None:
+    index = render_report(synthetic_run, tmp_path / "report")
+    strips = index.parent / "img" / LAYER
+    stale, other = strips / "unit_9999.jpg", strips / "notes.txt"
+    stale.write_bytes(b"old strip")
+    other.write_text("not a strip")
+    render_report(synthetic_run, tmp_path / "report")
+    assert not stale.exists() and other.read_text() == "not a strip"
+    assert len(list(strips.glob("unit_*.jpg"))) == N_UNITS

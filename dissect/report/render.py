@@ -335,6 +335,20 @@ def acts_block_reader(path: Path) -> tuple[Callable[[np.ndarray, int, int], np.n
     return read, f
 
 
+def remove_stale_strips(strips: list[Path]) -> None:
+    """Delete ``unit_*.jpg`` files beside ``strips`` that are not among them.
+
+    A report rendered again into the same directory after the layer lost units (a model with
+    fewer units recorded under the same layer name) must not keep the old units' strips. Only
+    files named like strips are touched.
+    """
+    keep = {path.resolve() for path in strips}
+    for directory in {path.parent for path in strips}:
+        for old in directory.glob("unit_*.jpg"):
+            if old.resolve() not in keep:
+                old.unlink()
+
+
 def write_layer_strips(
     run_dir: Path,
     layer: dict[str, Any],
@@ -363,6 +377,8 @@ def write_layer_strips(
     for u in layer["units"]:
         idx = [t["index"] for t in u["top_images"]]
         top[u["unit"], : len(idx)] = idx
+    strips = [out_dir / u["strip"] for u in layer["units"]]
+    remove_stale_strips(strips)
     read, handle = acts_block_reader(path)
     try:
         write_unit_strips(
@@ -370,7 +386,7 @@ def write_layer_strips(
             dataset.load_image,
             np.asarray(thresholds, dtype=np.float64),
             top,
-            [out_dir / u["strip"] for u in layer["units"]],
+            strips,
             image_size=tuple(dataset.image_size),
             seg_size=tuple(dataset.seg_size),
             map_size=int(info.height) * int(info.width),
