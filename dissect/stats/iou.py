@@ -153,6 +153,12 @@ def upsample_pixel_major(maps: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     devices): the planar (n, 1, h, w) ``interpolate``, transposed. The comparison with thresholds
     and the scan for mask pixels then run over memory in order.
     """
+    return _upsample_padded(maps, size)[:, :maps.shape[0]]
+
+
+def _upsample_padded(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(sh * sw, P) upsampled maps, P >= n: columns n.. are padding (zero maps), contiguous on
+    the CPU path (see :func:`upsample_pixel_major`)."""
     n, height, width = maps.shape
     shrinks = height > size[0] or width > size[1]
     if maps.device.type != "cpu" or shrinks or n == 0:
@@ -164,7 +170,7 @@ def upsample_pixel_major(maps: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     channels[0, :, :, :n] = maps.permute(1, 2, 0)
     up = F.interpolate(channels.permute(0, 3, 1, 2), size=size, mode="bilinear",
                        align_corners=False)                      # (1, padded, sh, sw), NHWC
-    return up[0].permute(1, 2, 0).reshape(size[0] * size[1], padded)[:, :n]
+    return up[0].permute(1, 2, 0).reshape(size[0] * size[1], padded)
 
 
 def threshold_below(thresholds: np.ndarray) -> np.ndarray:
@@ -194,7 +200,8 @@ def _mask_pixels(up: torch.Tensor, below: torch.Tensor, use_numpy: bool | None =
     Parameters
     ----------
     up:
-        float32 (S, B) upsampled maps, pixel-major (:func:`upsample_pixel_major`).
+        float32 (S, P) upsampled maps, pixel-major, P >= B (columns B.. are padding and are
+        ignored: :func:`_upsample_padded`).
     below:
         float32 (B,) thresholds (see :func:`threshold_below`).
 
@@ -205,13 +212,14 @@ def _mask_pixels(up: torch.Tensor, below: torch.Tensor, use_numpy: bool | None =
     and the scan, several times faster than torch's CPU kernels for this; otherwise torch does,
     on the tensors' device.
     """
-    n_maps = up.shape[1]
+    n_maps, n_columns = below.shape[0], up.shape[1]
+    if n_columns > n_maps:  # padding columns never pass: compare whole contiguous rows
+        below = torch.cat([below, below.new_full((n_columns - n_maps,), float("inf"))])
     if use_numpy is None:
         use_numpy = up.device.type == "cpu"
     if use_numpy:
-        flat = np.flatnonzero(up.numpy() > below.numpy()[None, :])
-        pixel = flat // n_maps
-        which = flat - pixel * n_maps
+        pixel, which = np.divmod(np.flatnonzero(up.numpy() > below.numpy()[None, :]),
+                                 n_columns)
     else:
         pixel_t, which_t = torch.nonzero(up > below[None, :], as_tuple=True)
         which, pixel = which_t.cpu().numpy(), pixel_t.cpu().numpy()
@@ -367,7 +375,7 @@ def count_iou(
         units = pair_unit[start:stop]
         n_maps = stop - start
         maps = acts_t[image, pair_unit_t[start:stop]]                              # (B, h, w)
-        up = upsample_pixel_major(maps, (sh, sw))                                # (S, B)
+        up = _upsample_padded(maps, (sh, sw))                                    # (S, P)
         which, pixel, areas = _mask_pixels(up, below[pair_unit_t[start:stop]])   # (M,) (M,) (B,)
         del up
         mask_area[image, units] = areas
@@ -400,7 +408,10 @@ def count_iou(
     # Image-level labels: the whole mask of the image counts for the label.
     level_columns = np.flatnonzero(level_counts.sum(0))
     if len(level_columns):
-        intersection[:, level_columns] += mask_area.T @ level_counts[:, level_columns]
+        # float64 products and sums of integers below 2**53 are exact, and BLAS-fast
+        intersection[:, level_columns] += np.rint(
+            mask_area.T.astype(np.float64) @ level_counts[:, level_columns].astype(np.float64)
+        ).astype(np.int64)
     if union == "touched":
         act_area = _weighted_count(touched_codes, touched_areas, n_units * n_cat).reshape(
             n_units, n_cat)
