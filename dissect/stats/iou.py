@@ -406,12 +406,11 @@ def count_iou(
     intersection = _weighted_count(joint_codes, joint_counts, n_units * n_labels).reshape(
         n_units, n_labels)
     # Image-level labels: the whole mask of the image counts for the label.
-    level_columns = np.flatnonzero(level_counts.sum(0))
-    if len(level_columns):
-        # float64 products and sums of integers below 2**53 are exact, and BLAS-fast
-        intersection[:, level_columns] += np.rint(
-            mask_area.T.astype(np.float64) @ level_counts[:, level_columns].astype(np.float64)
-        ).astype(np.int64)
+    # per (image, label) entry: its count times the image's mask areas (no BLAS matmul: its
+    # threads would compete with the Dask workers)
+    rows, labels = np.nonzero(level_counts)
+    if len(rows):
+        np.add.at(intersection.T, labels, mask_area[rows] * level_counts[rows, labels][:, None])
     if union == "touched":
         act_area = _weighted_count(touched_codes, touched_areas, n_units * n_cat).reshape(
             n_units, n_cat)
