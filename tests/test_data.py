@@ -112,6 +112,38 @@ def test_dataset_pickles_and_fingerprint_tracks_selection(broden_tiny):
     part = BrodenDataset(broden_tiny.root, categories=["part"], splits=["train"])
     assert part.fingerprint() != ds.fingerprint()
     assert part.fingerprint(selection=False) == ds.fingerprint()
+    part_copy = pickle.loads(pickle.dumps(part))
+    assert part_copy.categories == part.categories and len(part_copy) == len(part)
+    assert part_copy.image_names == part.image_names
+
+
+def test_dataset_pickles_as_its_path_and_reopens_once_per_process(broden_tiny, monkeypatch):
+    import dissect.data.broden as broden
+
+    monkeypatch.setattr(broden, "_REOPENED", {})
+    ds = BrodenDataset(broden_tiny.root)
+    payload = pickle.dumps(ds)
+    assert len(payload) < 1000 and b"images" not in payload   # no rows in the pickle
+    first, second = pickle.loads(payload), pickle.loads(payload)
+    assert first is second                                     # parsed once in this process
+    assert first.image_names == ds.image_names
+    # the csv files change on disk: a process that has not opened the dataset refuses it
+    monkeypatch.setattr(broden, "_REOPENED", {})
+    label_csv = broden_tiny.root / "label.csv"
+    label_csv.write_text(label_csv.read_text() + "\n")
+    with pytest.raises(DatasetError, match="changed after this job was started"):
+        pickle.loads(payload)
+
+
+def test_checker_datasets_pickle_their_rows(broden_tiny):
+    from dissect.data.broden import parse_dataset
+
+    parsed, problems = parse_dataset(broden_tiny.root)
+    assert problems == []
+    ds = BrodenDataset.from_parsed(parsed)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy.image_names == ds.image_names and copy is not ds
+    np.testing.assert_array_equal(copy.load_segmentation(1)[0], ds.load_segmentation(1)[0])
 
 
 def test_decode_segmentation_does_not_overflow(tmp_path):

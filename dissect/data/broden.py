@@ -12,6 +12,7 @@ import csv
 import hashlib
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -439,14 +440,19 @@ class BrodenDataset:
         categories: Iterable[str] | None = None,
         splits: Iterable[str] | None = None,
     ) -> None:
+        categories = tuple(categories) if categories is not None else None
+        splits = tuple(splits) if splits is not None else None
         parsed, problems = parse_dataset(root, categories, splits)
         if problems:
             more = f" (and {len(problems) - 1} more problems; run `dissect dataset check " \
                    f"{parsed.root}`)" if len(problems) > 1 else ""
             raise DatasetError(f"{parsed.root}: {problems[0]}{more}")
-        self._adopt(parsed, tuple(splits) if splits is not None else None)
+        self._adopt(parsed, splits)
+        self._open_args = (str(parsed.root), categories, splits)
 
     def _adopt(self, parsed: ParsedDataset, splits: tuple[str, ...] | None) -> None:
+        self._open_args: tuple[str, tuple[str, ...] | None, tuple[str, ...] | None] | None = None
+        self._fingerprint: str | None = None
         self.root = parsed.root
         self.vocab = parsed.vocab
         self.categories = parsed.categories
@@ -467,6 +473,20 @@ class BrodenDataset:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __reduce__(self) -> tuple:
+        """Pickle as (root, selection, fingerprint), not as every parsed row.
+
+        Dask's processes and distributed schedulers send the dataset with every task: for Broden
+        (63k images) the rows would be megabytes per task. A worker process reopens the dataset
+        once (:func:`reopen_dataset` keeps it) and checks that its csv files still have the
+        fingerprint they had here. Datasets made by :meth:`from_parsed` pickle their rows.
+        """
+        if self._open_args is None:
+            return (_restore_dataset, (self.__dict__,))
+        if self._fingerprint is None:
+            self._fingerprint = self.fingerprint()
+        return (reopen_dataset, (*self._open_args, self._fingerprint))
 
     def __repr__(self) -> str:
         return f"BrodenDataset({str(self.root)!r}, {len(self)} images, categories={self.categories})"
@@ -612,3 +632,41 @@ class BrodenDataset:
                               f"{', '.join(self.categories)}")
         return [np.array(entry.image_labels.get(category, ()), dtype=np.int32)
                 for entry in self._entries]
+
+
+_REOPENED: dict[tuple, BrodenDataset] = {}
+_REOPENED_LOCK = threading.Lock()
+#: Datasets :func:`reopen_dataset` keeps per process (the most recently used).
+_REOPENED_MAX = 4
+
+
+def reopen_dataset(root: str, categories: tuple[str, ...] | None, splits: tuple[str, ...] | None,
+                   fingerprint: str) -> BrodenDataset:
+    """The dataset a pickled :class:`BrodenDataset` stands for, opened once per process.
+
+    Raises
+    ------
+    DatasetError
+        When the dataset's csv files no longer have ``fingerprint`` (changed on disk since the
+        dataset was pickled), or cannot be parsed.
+    """
+    key = (root, categories, splits, fingerprint)
+    with _REOPENED_LOCK:
+        dataset = _REOPENED.pop(key, None)
+        if dataset is None:
+            dataset = BrodenDataset(root, categories, splits)
+            dataset._fingerprint = dataset.fingerprint()
+            if dataset._fingerprint != fingerprint:
+                raise DatasetError(f"{root}: the dataset's csv files changed after this job "
+                                   f"was started (fingerprint {dataset._fingerprint[:12]}, "
+                                   f"expected {fingerprint[:12]}); run it again")
+        _REOPENED[key] = dataset                       # most recent last
+        while len(_REOPENED) > _REOPENED_MAX:
+            _REOPENED.pop(next(iter(_REOPENED)))
+    return dataset
+
+
+def _restore_dataset(state: dict) -> BrodenDataset:
+    dataset = BrodenDataset.__new__(BrodenDataset)
+    dataset.__dict__.update(state)
+    return dataset
