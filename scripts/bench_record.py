@@ -14,7 +14,7 @@ recorder streams, so memory must not grow with the number of images.
 
 Usage::
 
-    python scripts/bench_record.py [--n-images 256] [--size 112] [--batch-size 32]
+    python scripts/bench_record.py [--n-images 1024] [--size 112] [--batch-size 32]
                                    [--device cpu|cuda] [--repeats 3] [--rss-sizes 128,1024]
 """
 
@@ -156,7 +156,7 @@ def cache_megabytes(run_dir: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-images", type=int, default=256)
+    parser.add_argument("--n-images", type=int, default=1024)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None)
