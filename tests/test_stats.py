@@ -349,3 +349,19 @@ def test_upsample_maps_matches_pil_bilinear_when_enlarging_and_shrinking(shape, 
     np.testing.assert_allclose(ours, pil, rtol=0, atol=2e-6)
     # the skip rule of DESIGN §3 relies on this: a resized map never exceeds the map's maximum
     assert (ours.max(axis=(1, 2)) <= maps.max(axis=(1, 2))).all()
+
+
+@pytest.mark.parametrize("density", [0.02, 0.9])
+def test_iou_counts_pickle_exactly_sparse_or_dense(density: float) -> None:
+    import pickle
+
+    rng = np.random.default_rng(4)
+    intersection = rng.integers(1, 10**12, size=(37, 211), dtype=np.int64)
+    intersection[rng.random(intersection.shape) > density] = 0
+    counts = IoUCounts(rng.integers(0, 100, 211, dtype=np.int64), intersection,
+                       rng.integers(0, 100, (37, 5), dtype=np.int64))
+    payload = pickle.dumps(counts)
+    back = pickle.loads(payload)
+    assert back.equals(counts) and back.intersection.dtype == np.int64
+    if density < 0.5:   # stored as nonzero entries: far smaller than the dense array
+        assert len(payload) < intersection.nbytes / 4

@@ -78,12 +78,33 @@ class IoUCounts:
                          self.intersection + other.intersection,
                          self.act_area + other.act_area)
 
+    def __reduce__(self) -> tuple:
+        """Pickle ``intersection`` as its nonzero entries when that is smaller.
+
+        Dask's processes and distributed schedulers move every chunk's counts between processes;
+        a chunk's (U, L) intersection is mostly zeros (a unit's masks meet few of the labels).
+        """
+        flat = self.intersection.reshape(-1)
+        where = np.flatnonzero(flat)
+        if 2 * len(where) >= len(flat):
+            return (IoUCounts, (self.label_area, self.intersection, self.act_area))
+        index_dtype = np.int32 if len(flat) < 2 ** 31 else np.int64
+        return (_counts_from_sparse, (self.label_area, self.intersection.shape,
+                                      where.astype(index_dtype), flat[where], self.act_area))
+
     def equals(self, other: IoUCounts) -> bool:
         """True when every count is equal."""
         return (self.shape == other.shape
                 and np.array_equal(self.label_area, other.label_area)
                 and np.array_equal(self.intersection, other.intersection)
                 and np.array_equal(self.act_area, other.act_area))
+
+
+def _counts_from_sparse(label_area: np.ndarray, shape: tuple[int, int], where: np.ndarray,
+                        values: np.ndarray, act_area: np.ndarray) -> IoUCounts:
+    intersection = np.zeros(shape, dtype=values.dtype)
+    intersection.reshape(-1)[where] = values
+    return IoUCounts(label_area, intersection, act_area)
 
 
 def _device_of(array: np.ndarray | torch.Tensor, device: str | torch.device | None
