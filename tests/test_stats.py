@@ -116,6 +116,7 @@ def test_upsample_hand_values_numpy_and_torch() -> None:
     assert up.tolist() == [[[0.0, 1.0, 3.0, 4.0]]]
     up_t = upsample_maps(torch.from_numpy(maps), (1, 4))
     assert isinstance(up_t, torch.Tensor) and up_t.tolist() == up.tolist()
+    assert upsample_maps(np.zeros((0, 7, 7), np.float32), (14, 14)).shape == (0, 14, 14)
 
 
 def test_upsample_equals_pil_bilinear() -> None:

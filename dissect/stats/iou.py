@@ -154,7 +154,7 @@ def upsample_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int]
     if tensor.ndim != 3:
         raise ValueError(f"maps must be (n, h, w), got shape {tuple(tensor.shape)}")
     target = (int(size[0]), int(size[1]))
-    up = upsample_pixel_major(tensor, target).reshape(*target, -1).permute(2, 0, 1)
+    up = upsample_pixel_major(tensor, target).reshape(*target, len(tensor)).permute(2, 0, 1)
     return up.numpy() if as_numpy else up
 
 
@@ -185,7 +185,7 @@ def _upsample_padded(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if maps.device.type != "cpu" or shrinks or n == 0:
         up = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False,
                            antialias=shrinks)[:, 0]
-        return up.reshape(n, -1).T
+        return up.reshape(n, size[0] * size[1]).T
     padded = -(-n // _LANES) * _LANES
     channels = maps.new_zeros((1, height, width, padded))
     channels[0, :, :, :n] = maps.permute(1, 2, 0)
