@@ -294,22 +294,29 @@ def test_unit_order_is_netdissect_lites_reversed_argsort() -> None:
     assert unit_order(scores).tolist() == [4, 2, 1, 0, 3]
 
 
-def test_mask_pixels_numpy_and_torch_scans_agree() -> None:
+@pytest.mark.parametrize("n_pixels, n_columns", [(37, 5), (48, 8), (48, 16), (33, 7)])
+def test_mask_pixels_numpy_and_torch_scans_agree(n_pixels: int, n_columns: int) -> None:
+    """Strided and contiguous (S, P) layouts, with and without padding columns (which hold
+    values above every threshold and must be ignored), S with and without a factor 16."""
     from dissect.stats.iou import _mask_pixels
 
     rng = np.random.default_rng(0)
-    planar = rng.normal(size=(5, 37)).astype(np.float32)             # (B, S)
-    up = torch.from_numpy(planar).T                                  # (S, B) pixel-major view
+    planar = rng.normal(size=(n_columns, n_pixels)).astype(np.float32)   # (P, S)
+    planar[5:] = 100.0                                                 # padding columns
+    if n_columns == 5:
+        up = torch.from_numpy(planar).T                                # (S, P) strided view
+    else:
+        up = torch.from_numpy(np.ascontiguousarray(planar.T))          # (S, P) contiguous
     below = torch.tensor([0.0, 0.5, 3.0, -1.0, 1.0])
     numpy_scan = _mask_pixels(up, below, use_numpy=True)
     torch_scan = _mask_pixels(up, below, use_numpy=False)
     for a, b in zip(numpy_scan, torch_scan):
         np.testing.assert_array_equal(a, b)
-    which, pixel, areas = numpy_scan
-    expected_pixel, expected_which = np.nonzero(planar.T > below.numpy()[None, :])
+    which, pixel = numpy_scan
+    expected_pixel, expected_which = np.nonzero(planar[:5].T > below.numpy()[None, :])
     np.testing.assert_array_equal(which, expected_which)
     np.testing.assert_array_equal(pixel, expected_pixel)
-    assert areas.tolist() == (planar > below.numpy()[:, None]).sum(1).tolist()
+    assert len(which) > 0 and which.max() < 5
 
 
 def test_quantile_state_is_float16_when_lossless_and_exact_in_small_blocks(monkeypatch) -> None:

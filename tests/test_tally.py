@@ -104,10 +104,11 @@ def assert_matches_reference(acts, seg, image_labels, thresholds, primary, n_cat
 
 
 @pytest.mark.parametrize("union", ["touched", "annotated", "all"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_fast_path_equals_reference_random(union: str, seed: int) -> None:
+@pytest.mark.parametrize("seed, sh, sw", [(0, 13, 10), (1, 13, 10), (2, 16, 12)])
+def test_fast_path_equals_reference_random(union: str, seed: int, sh: int, sw: int) -> None:
+    """13x10: non-integer upsampling factors, a pixel count with no factor 16; 16x12: one."""
     rng = np.random.default_rng(seed)
-    n, n_units, h, w, sh, sw = 6, 5, 3, 4, 13, 10          # non-integer upsampling factors
+    n, n_units, h, w = 6, 5, 3, 4
     # labels 1-4 color (0), 5-8 object (1), 9-10 scene (2, image-level), 11 no category;
     # label 8 also appears in the part-like layer 2, so a pixel can carry it twice.
     primary = np.array([-1, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, -1])
@@ -116,9 +117,11 @@ def test_fast_path_equals_reference_random(union: str, seed: int) -> None:
     seg[:, 1] = rng.integers(5, 9, size=(n, sh, sw)) * (rng.random((n, sh, sw)) < 0.5)
     seg[:, 2] = rng.choice([0, 8, 11], size=(n, sh, sw))
     seg[n - 1, 1:] = 0                                     # padded layers
+    seg[1] = 0                                             # no pixel label at all
     image_labels = np.zeros((n, 2), dtype=np.int32)
     image_labels[:, 0] = rng.choice([0, 9, 10], size=n)
     image_labels[0] = [9, 10]
+    image_labels[1] = [10, 0]
     acts = rng.normal(size=(n, n_units, h, w)).astype(np.float16).astype(np.float32)
     acts[:, 0] = np.round(acts[:, 0])                       # ties at the threshold
     thresholds = np.array([np.quantile(acts[:, u].ravel(), 0.8) for u in range(n_units)])

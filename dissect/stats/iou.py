@@ -7,6 +7,7 @@ torch input, else the CPU).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -215,8 +216,8 @@ def threshold_below(thresholds: np.ndarray) -> np.ndarray:
     return below
 
 
-def _mask_pixels(up: torch.Tensor, below: torch.Tensor, use_numpy: bool | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _mask_pixels(up: torch.Tensor, below: np.ndarray | torch.Tensor,
+                 use_numpy: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pixels of ``up > below`` for a batch of upsampled maps, returned to the host.
 
     Parameters
@@ -229,23 +230,39 @@ def _mask_pixels(up: torch.Tensor, below: torch.Tensor, use_numpy: bool | None =
 
     Returns
     -------
-    (which (M,) int64 map index, pixel (M,) int64 flat pixel index, areas (B,) int64 mask sizes),
-    NumPy arrays, pixel-major. ``use_numpy`` (default: on the CPU) has NumPy do the comparison
-    and the scan, several times faster than torch's CPU kernels for this; otherwise torch does,
-    on the tensors' device.
+    (which (M,) int64 map index, pixel (M,) int64 flat pixel index), NumPy arrays, pixel-major.
+    ``use_numpy`` (default: on the CPU) has NumPy do the comparison and the scan, several times
+    faster than torch's CPU kernels for this; otherwise torch does, on the tensors' device.
     """
     n_maps, n_columns = below.shape[0], up.shape[1]
-    if n_columns > n_maps:  # padding columns never pass: compare whole contiguous rows
-        below = torch.cat([below, below.new_full((n_columns - n_maps,), float("inf"))])
     if use_numpy is None:
         use_numpy = up.device.type == "cpu"
     if use_numpy:
-        pixel, which = np.divmod(np.flatnonzero(up.numpy() > below.numpy()[None, :]),
-                                 n_columns)
-    else:
-        pixel_t, which_t = torch.nonzero(up > below[None, :], as_tuple=True)
-        which, pixel = which_t.cpu().numpy(), pixel_t.cpu().numpy()
-    return which, pixel, np.bincount(which, minlength=n_maps)
+        limits = np.full(n_columns, np.inf, dtype=np.float32)   # padding columns never pass
+        limits[:n_maps] = below.cpu().numpy() if isinstance(below, torch.Tensor) else below
+        flat = _flat_above(up.numpy(), limits)
+        pixel = flat // n_columns
+        return flat - pixel * n_columns, pixel
+    below = torch.as_tensor(below, dtype=torch.float32, device=up.device)
+    pixel_t, which_t = torch.nonzero(up[:, :n_maps] > below[None, :], as_tuple=True)
+    return which_t.cpu().numpy(), pixel_t.cpu().numpy()
+
+
+#: Rows of (S, P) maps compared at once by :func:`_flat_above` (NumPy's inner loop then runs
+#: over k * P values instead of P).
+_ROWS_PER_COMPARE = 16
+
+
+def _flat_above(values: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """Flat indices (row-major) of ``values > limits[None, :]``, int64 (M,), ascending.
+
+    ``values`` is float32 (S, P), ``limits`` float32 (P,).
+    """
+    rows, columns = values.shape
+    k = math.gcd(rows, _ROWS_PER_COMPARE) if values.flags.c_contiguous else 1
+    if k > 1:
+        values, limits = values.reshape(rows // k, k * columns), np.concatenate([limits] * k)
+    return np.flatnonzero(values > limits[None, :])
 
 
 def _label_counts(seg: np.ndarray, used_layers: np.ndarray, image_labels: np.ndarray,
@@ -381,10 +398,12 @@ def count_iou(
     level_categories = ((level_counts > 0).astype(np.int64) @ onehot) > 0        # (n, C+1)
 
     # -- active (image, unit) pairs, processed in batches of upsampled maps --------------
-    below = torch.from_numpy(threshold_below(np.asarray(thresholds))).to(dev)
+    below_np = threshold_below(np.asarray(thresholds))                            # (U,)
+    below = torch.from_numpy(below_np).to(dev)
     active = acts_t.reshape(n, n_units, h * w).amax(dim=2) > below
     pair_image_t, pair_unit_t = torch.nonzero(active, as_tuple=True)            # image-major
     pair_image, pair_unit = pair_image_t.cpu().numpy(), pair_unit_t.cpu().numpy()
+    on_host = dev.type == "cpu"
     mask_area = np.zeros((n, n_units), dtype=np.int64)
     joint_codes, joint_counts, touched_codes, touched_areas = [], [], [], []
     seg_images = np.ascontiguousarray(seg).reshape(n, n_layers, area)
@@ -396,23 +415,28 @@ def count_iou(
         image = int(pair_image[start])                  # every batch holds one image's maps
         units = pair_unit[start:stop]
         n_maps = stop - start
-        maps = acts_t[image, pair_unit_t[start:stop]]                              # (B, h, w)
+        units_t = pair_unit_t[start:stop]
+        maps = acts_t[image].index_select(0, units_t)                             # (B, h, w)
         up = _upsample_padded(maps, (sh, sw))                                    # (S, P)
-        which, pixel, areas = _mask_pixels(up, below[pair_unit_t[start:stop]])   # (M,) (M,) (B,)
-        del up
-        mask_area[image, units] = areas
+        which, pixel = _mask_pixels(up, below_np[units] if on_host else below[units_t])
+        del up                                                                   # (M,) (M,)
         if image != compact_image:
             compact_of[present] = 0
             present = np.flatnonzero(pixel_counts[image])                           # (k,)
             compact_of[present] = np.arange(1, len(present) + 1)
-            compact_seg = compact_of[seg_images[image, :used_layers[image]]]     # (Lyr', S)
-            compact_image = image
+            compact_seg = np.take(compact_of, seg_images[image, :used_layers[image]])
+            compact_image = image                                                # (Lyr', S)
         # Label of every mask pixel in every used layer (Lyr', M) -> label histogram per map.
         n_bins = len(present) + 1
         codes = np.take(compact_seg, pixel, axis=1)
         codes += which * n_bins
         histogram = np.bincount(codes.reshape(-1), minlength=n_maps * n_bins).reshape(
             n_maps, n_bins)
+        if len(compact_seg):      # each mask pixel is counted once per used layer
+            areas = histogram.sum(axis=1) // len(compact_seg)                       # (B,)
+        else:
+            areas = np.bincount(which, minlength=n_maps)
+        mask_area[image, units] = areas
         histogram[:, 0] = 0
         map_index, compact = np.nonzero(histogram)
         label = present[compact - 1]
