@@ -25,7 +25,7 @@ Usage::
 
     python scripts/bench_tally.py                 # 2000 images, 512 units at 7x7, 112x112 segs
     python scripts/bench_tally.py --n-images 300  # quicker
-    python scripts/bench_tally.py --repeat 3      # keep the fastest of 3 runs (noisy machines)
+    python scripts/bench_tally.py --repeat 3      # 3 rounds: fastest runs and per-round ratios
 
 A last diagnostic line times, with a plain 1- and 2-thread pool on the first 800 images, the
 label-map loading alone (``load_segmentations``) and ``count_iou`` alone on preloaded arrays, to
@@ -307,19 +307,31 @@ def thread_scaling(reader: Any, dataset: Any, chunk: int, thresholds_path: str
     return out
 
 
-def run_measure(script: Path, common: list[str], what: str, scheduler: str = "threads",
-                workers: int = 1, repeat: int = 1) -> dict[str, Any]:
-    """The fastest of ``repeat`` runs, each in a fresh subprocess (peak RSS: the largest)."""
+def run_once(script: Path, common: list[str], what: str, scheduler: str = "threads",
+             workers: int = 1) -> dict[str, Any]:
+    """One measurement in a fresh subprocess."""
     command = [sys.executable, str(script), "--measure", what, "--scheduler", scheduler,
                "--workers", str(workers), *common]
-    runs = []
-    for _ in range(repeat):
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        runs.append(json.loads(out.strip().splitlines()[-1]))
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest run, with the largest peak RSS of all runs."""
     best = dict(min(runs, key=lambda r: r["seconds"]))
     best["rss_mb"] = max(r["rss_mb"] for r in runs)
     best["child_rss_mb"] = max(r["child_rss_mb"] for r in runs)
     return best
+
+
+def paired(runs: dict[str, list[dict[str, Any]]], top: str, bottom: str) -> str:
+    """Ratio of the fastest runs, and the median and range of the per-round ratios."""
+    best = fastest(runs[top])["seconds"] / fastest(runs[bottom])["seconds"]
+    rounds = [a["seconds"] / b["seconds"] for a, b in zip(runs[top], runs[bottom])]
+    if len(rounds) == 1:
+        return f"{best:.2f}"
+    return (f"{best:.2f} (per round: median {np.median(rounds):.2f}, "
+            f"{min(rounds):.2f}-{max(rounds):.2f})")
 
 
 def main() -> None:
@@ -335,8 +347,8 @@ def main() -> None:
                         help="keep the generated data here (default: a temporary directory)")
     parser.add_argument("--schedulers", default="threads,processes")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="run each measurement this many times and keep the fastest (for "
-                             "shared, noisy machines)")
+                        help="rounds of every measurement: prints the fastest run of each and "
+                             "the per-round ratios (for shared, noisy machines)")
     # internal: one measurement in a subprocess
     parser.add_argument("--measure", default=None,
                         choices=["imports", "floor", "thresholds", "tally", "scaling"])
@@ -371,49 +383,51 @@ def main() -> None:
         if args.chunk_size:
             common += ["--chunk-size", str(args.chunk_size)]
         script = Path(__file__).resolve()
-        results: dict[str, dict[str, Any]] = {}
         load_before = f"{os.getloadavg()[0]:.2f}"
-        results["imports"] = run_measure(script, common, "imports")
-        results["floor"] = run_measure(script, common, "floor", repeat=args.repeat)
-        for workers in (1, 2):
-            results[f"thresholds threads x{workers}"] = run_measure(
-                script, common, "thresholds", "threads", workers, args.repeat)
-        for scheduler in args.schedulers.split(","):
-            for workers in (1, 2):
-                results[f"tally {scheduler} x{workers}"] = run_measure(
-                    script, common, "tally", scheduler, workers, args.repeat)
+        plan = [("floor", "floor", "threads", 1)]
+        plan += [(f"thresholds threads x{k}", "thresholds", "threads", k) for k in (1, 2)]
+        plan += [(f"tally {scheduler} x{k}", "tally", scheduler, k)
+                 for scheduler in args.schedulers.split(",") for k in (1, 2)]
+        # Rounds run every measurement once, in order: a slow spell of a shared machine then
+        # affects one round's measurements together, and per-round ratios stay comparable.
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in plan}
+        imports = run_once(script, common, "imports")
+        for _ in range(args.repeat):
+            for name, what, scheduler, workers in plan:
+                runs[name].append(run_once(script, common, what, scheduler, workers))
+        results = {name: fastest(done) for name, done in runs.items()}
         n = results["floor"]["n"]
         active = amax > np.load(thresholds)[None, :]
         print(f"active (image, unit) pairs (max > threshold): {100 * active.mean():.1f}%, "
               f"{active.sum() / n:.1f} maps of {shape[1]} upsampled per image")
         print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f} "
-              f"on {os.cpu_count()} cores")
+              f"on {os.cpu_count()} cores; fastest of {args.repeat} round(s)")
         print(f"{'measurement':26s} {'ms/image':>9s} {'cpu ms/image':>13s} {'peak RSS MB':>12s} "
               f"{'pool RSS MB':>12s}")
         for name, r in results.items():
-            if name == "imports":
-                continue
             cpu = f"{1000 * r['cpu'] / n:13.2f}" if "processes" not in name else f"{'-':>13s}"
             pool = f"{r['child_rss_mb']:12.0f}" if "processes" in name else f"{'-':>12s}"
             print(f"{name:26s} {1000 * r['seconds'] / n:9.2f} {cpu} {r['rss_mb']:12.0f} {pool}")
-        checks = {tuple(r["check"]) for name, r in results.items() if name.startswith("tally")}
+        if args.repeat > 1:
+            print("every round, ms/image: " + "; ".join(
+                f"{name} " + " ".join(f"{1000 * r['seconds'] / n:.2f}" for r in done)
+                for name, done in runs.items()))
+        checks = {tuple(r["check"]) for name, done in runs.items() if name.startswith("tally")
+                  for r in done}
         print(f"identical counts in every tally run: {len(checks) == 1}")
-        floor = results["floor"]
-        one_t, two_t = (results[f"thresholds threads x{k}"] for k in (1, 2))
-        print(f"thresholds: thresholds/floor {one_t['seconds'] / floor['seconds']:.2f}; "
-              f"1-worker/2-worker {one_t['seconds'] / two_t['seconds']:.2f}")
+        print(f"thresholds: thresholds/floor "
+              f"{paired(runs, 'thresholds threads x1', 'floor')}; 1-worker/2-worker "
+              f"{paired(runs, 'thresholds threads x1', 'thresholds threads x2')}")
         for scheduler in args.schedulers.split(","):
-            one = results[f"tally {scheduler} x1"]
-            two = results[f"tally {scheduler} x2"]
-            cpu_ratio = (f", cpu tally/floor {one['cpu'] / floor['cpu']:.2f}"
+            one, two = f"tally {scheduler} x1", f"tally {scheduler} x2"
+            cpu_ratio = (f", cpu tally/floor {results[one]['cpu'] / results['floor']['cpu']:.2f}"
                          if scheduler == "threads" else "")
-            print(f"tally {scheduler}: tally/floor (1 worker) "
-                  f"{one['seconds'] / floor['seconds']:.2f}{cpu_ratio}; "
-                  f"1-worker/2-worker {one['seconds'] / two['seconds']:.2f}")
+            print(f"tally {scheduler}: tally/floor (1 worker) {paired(runs, one, 'floor')}"
+                  f"{cpu_ratio}; 1-worker/2-worker {paired(runs, one, two)}")
         peak = max(max(r["rss_mb"], r["child_rss_mb"] if "processes" in name else 0)
                    for name, r in results.items())
         print(f"largest peak RSS of any process: {peak:.0f} MB (a process that only imports "
-              f"dissect, torch and dask: {results['imports']['rss_mb']:.0f} MB)")
+              f"dissect, torch and dask: {imports['rss_mb']:.0f} MB)")
         command = [sys.executable, str(script), "--measure", "scaling", *common]
         scaling = json.loads(subprocess.run(command, check=True, capture_output=True,
                                             text=True).stdout.strip().splitlines()[-1])
