@@ -99,7 +99,8 @@ class DissectionResult:
     iou_threshold:
         A unit detects its concept when ``unit_iou >= iou_threshold``.
     label_names:
-        (L,) names by label number ('-' for 0 and gaps).
+        (L,) names by label number ('' for numbers label.csv does not list, as in
+        NetDissect-Lite's tally.csv).
     primary:
         int64 (L,) index into ``categories`` of each label's primary category, -1 for none.
     quantile:
@@ -164,7 +165,8 @@ class DissectionResult:
         One row per unit, sorted by descending score (ties: the higher unit first, as
         NetDissect-Lite's ``argsort()[::-1]``; see :func:`dissect.stats.unit_order`): ``unit``
         (1-based), ``category`` and ``label`` (name) of the unit's label, ``score`` (its IoU),
-        then per category ``<cat>-label`` (best label name in the category, '-' for none),
+        then per category ``<cat>-label`` (best label name in the category; label 0's name,
+        '' unless label.csv lists 0, for none),
         ``<cat>-truth`` (its label_area), ``<cat>-activation`` (act_area[u, cat]; for label 0,
         the last category's, as NetDissect-Lite),
         ``<cat>-intersect`` (intersection[u, label]) and ``<cat>-iou``. Ints and floats are

@@ -417,6 +417,9 @@ def test_concept_units_and_unknown_concepts() -> None:
         concept_units(dissection, "skye")
     with pytest.raises(OptionError, match="no unit is labeled 'skyscraper'.*detected: grass, sky"):
         concept_units(dissection, "skyscraper")
+    unnamed = SimpleNamespace(**{**vars(dissection), "label_names": ["", "sky", "grass", "x"]})
+    with pytest.raises(OptionError, match="unknown concept ''"):   # label 0 is no concept
+        concept_units(unnamed, "", 0.0)
     result = _study().concept([2], "sky")
     assert result.set_names == ("baseline", "sky") and result.set_studies == ("concept",) * 2
 

@@ -337,3 +337,23 @@ def test_activation_column_of_an_empty_category_is_netdissect_lites() -> None:
     assert (row["scene-label"], row["scene-activation"], row["scene-intersect"]) == (
         "street", 5, 4)
     assert row["score"] == 4 / 21
+
+
+def test_labels_label_csv_does_not_list_are_named_empty_as_in_netdissect_lite(
+        toy_dataset: Path, tmp_path: Path) -> None:
+    """The toy label.csv has no row 0: NetDissect-Lite's build_dense_label_array names such
+    numbers '', so a unit with no positive IoU has label '' in tally.csv."""
+    from dissect.stats import IoUCounts
+    from dissect.tally import DissectionResult
+
+    vocab = BrodenDataset(toy_dataset).vocab
+    assert vocab.names[0] == "" and all(vocab.names[1:])
+    n_labels, n_cat = vocab.num_labels, len(vocab.categories)
+    counts = IoUCounts(np.ones(n_labels, np.int64), np.zeros((1, n_labels), np.int64),
+                       np.ones((1, n_cat), np.int64))
+    result = DissectionResult.from_counts("x", list(vocab.categories), np.zeros(1), counts,
+                                          vocab.names, vocab.primary)
+    with (result.save(tmp_path) / "tally.csv").open(newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["label"] == "" and row["score"] == "0.0"
+    assert all(row[f"{c}-label"] == "" for c in vocab.categories)

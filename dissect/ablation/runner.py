@@ -86,8 +86,8 @@ def concept_units(dissection: Any, concept: str, iou_threshold: float | None = N
     """
     names = [str(name) for name in dissection.label_names]
     threshold = float(dissection.iou_threshold if iou_threshold is None else iou_threshold)
-    if concept not in names:
-        close = difflib.get_close_matches(concept, [n for n in names if n != "-"], n=5)
+    if not concept or concept not in names:
+        close = difflib.get_close_matches(concept, [n for n in names if n], n=5)
         hint = f"close names: {', '.join(close)}" if close else "no close name"
         raise OptionError(f"option concept: unknown concept {concept!r}; {hint}")
     unit_names = np.array([names[int(label)] for label in dissection.unit_label], dtype=object)

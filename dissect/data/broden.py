@@ -347,7 +347,7 @@ def parse_dataset(
     coverage = _parse_coverage(root, all_categories, names, problems)
     num_labels = max(names, default=0) + 1
     known = np.zeros(num_labels, dtype=bool)
-    label_names = ["-"] * num_labels
+    label_names = [""] * num_labels      # NetDissect-Lite: numbers without a row get name ""
     for number, name in names.items():
         label_names[number] = name
         known[number] = number > 0

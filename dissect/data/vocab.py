@@ -27,7 +27,8 @@ class Vocabulary:
     categories:
         Category names in use, in category.csv order. Tally columns and tie-breaks follow it.
     names:
-        ``names[n]`` is the name of label number ``n``; ``'-'`` for 0 and for unused numbers.
+        ``names[n]`` is the name of label number ``n``; ``''`` for numbers label.csv does not list
+        (label 0 too, unless it has a row), as NetDissect-Lite names them.
     primary:
         int64 array (L,): index into ``categories`` of each label's primary category, -1 for label
         0 and for labels that belong to none of ``categories``.
@@ -50,7 +51,7 @@ class Vocabulary:
         self.memberships = memberships or [() for _ in names]
         self._by_name: dict[str, int] = {}
         for number, name in enumerate(self.names):
-            if number > 0 and name != "-":
+            if number > 0 and name:
                 self._by_name.setdefault(name, number)
 
     @property
