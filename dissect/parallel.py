@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import dask
+import dask.local
+import dask.multiprocessing
+import dask.threaded
 import numpy as np
 import torch
 from dask.multiprocessing import initialize_worker_process
@@ -82,6 +85,10 @@ def check_scheduler(scheduler: str) -> str:
 class SchedulerSetup:
     """How to run a graph: keyword arguments for ``dask.compute`` and torch threads per task.
 
+    The local schedulers are given as their functions, not their names: for a name,
+    ``dask.compute`` imports ``distributed`` to look for a client (0.2 s and 12 MB in every
+    process that computes).
+
     Tasks of the threads and processes pools use one torch thread each (the Dask workers are the
     parallelism); the synchronous scheduler lets torch use every core; ``task_threads`` is None
     where tasks should leave torch's thread count alone (distributed workers get
@@ -123,7 +130,7 @@ def scheduler_context(scheduler: str = "threads", num_workers: int | None = None
     name = check_scheduler(scheduler)
     cores = os.cpu_count() or 1
     if name == "synchronous":
-        yield SchedulerSetup({"scheduler": "synchronous"}, None)
+        yield SchedulerSetup({"scheduler": dask.local.get_sync}, None)
         return
     if name in ("threads", "processes"):
         workers = cores if num_workers is None else int(num_workers)
@@ -131,13 +138,15 @@ def scheduler_context(scheduler: str = "threads", num_workers: int | None = None
             raise OptionError(f"num_workers: {num_workers!r} must be >= 1")
         threads = 1        # parallelism comes from the Dask workers: one torch thread each
         if name == "threads":
-            yield SchedulerSetup({"scheduler": "threads", "num_workers": workers}, threads)
+            yield SchedulerSetup({"scheduler": dask.threaded.get, "num_workers": workers},
+                                 threads)
             return
         # One process pool for every graph of the block (worker start-up is paid once).
         context = multiprocessing.get_context(dask.config.get("multiprocessing.context", "spawn"))
         with ProcessPoolExecutor(workers, mp_context=context,
                                  initializer=initialize_worker_process) as pool:
-            yield SchedulerSetup({"scheduler": "processes", "pool": pool}, threads)
+            yield SchedulerSetup({"scheduler": dask.multiprocessing.get, "pool": pool},
+                                 threads)
         return
     from distributed import Client
 

@@ -179,3 +179,26 @@ def test_overlapping_computes_restore_the_count_saved_before_the_first() -> None
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(2)
+
+
+def test_local_schedulers_do_not_import_distributed(broden_tiny, tmp_path: Path) -> None:
+    """Given a scheduler's name, dask.compute imports distributed to look for a client (0.2 s
+    and 12 MB per process); the local schedulers are passed as functions instead."""
+    import subprocess
+    import sys
+
+    cache = write_cache(tmp_path / "c.h5", random_acts(3, 5, 2))
+    code = f"""
+import sys
+from dissect.data import BrodenDataset
+from dissect.parallel import compute_counts, compute_thresholds
+from dissect.record import CacheReader
+reader, dataset = CacheReader({str(cache)!r}, "acts"), BrodenDataset({str(broden_tiny.root)!r})
+for scheduler in ("threads", "synchronous"):
+    thresholds = compute_thresholds(reader, 0.2, chunk_size=1, scheduler=scheduler)
+    counts = compute_counts(reader, dataset, thresholds, chunk_size=1, scheduler=scheduler)
+print(counts.intersection.sum() > 0, "distributed" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "False"]
