@@ -358,6 +358,8 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--thresholds", default=None)
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat: {args.repeat} must be >= 1")
     if args.measure:
         print(json.dumps(measure(args)))
         return

@@ -128,6 +128,20 @@ def test_fast_path_equals_reference_random(union: str, seed: int, sh: int, sw: i
     assert_matches_reference(acts, seg, image_labels, thresholds, primary, 3, union)
 
 
+def test_segmentation_without_layers_counts_like_an_empty_layer() -> None:
+    """seg (n, 0, sh, sw): only image-level labels; the same counts as one all-zero layer."""
+    rng = np.random.default_rng(5)
+    acts = rng.normal(size=(3, 4, 2, 3)).astype(np.float32)
+    image_labels = np.array([[1], [2], [0]])
+    primary, thresholds = np.array([-1, 0, 0]), np.full(4, 0.5)
+    for union in ("touched", "annotated", "all"):
+        empty = count_iou(acts, np.zeros((3, 0, 5, 6), np.int32), image_labels, thresholds,
+                          primary, 1, union)
+        zero = count_iou(acts, np.zeros((3, 1, 5, 6), np.int32), image_labels, thresholds,
+                         primary, 1, union)
+        assert empty.equals(zero) and empty.intersection.sum() > 0
+
+
 @pytest.mark.parametrize("union", ["touched", "annotated", "all"])
 def test_fast_path_equals_reference_toy(toy_dataset: Path, union: str) -> None:
     dataset = BrodenDataset(toy_dataset)

@@ -410,7 +410,8 @@ def count_iou(
     # Per image, its labels are renumbered 1..k (0: no label) so that the per-map histograms
     # have k + 1 bins instead of L.
     compact_of = np.zeros(n_labels, dtype=np.int64)
-    compact_image, compact_seg, present = -1, seg_images[:0, 0], np.zeros(0, np.int64)
+    compact_image, present = -1, np.zeros(0, np.int64)
+    compact_seg = np.zeros((0, area), np.int64)
     for start, stop in _pair_batches(pair_image, n, max(1, _BATCH_VALUES // area)):
         image = int(pair_image[start])                  # every batch holds one image's maps
         units = pair_unit[start:stop]
