@@ -152,6 +152,13 @@ def test_decode_segmentation_does_not_overflow(tmp_path):
     np.testing.assert_array_equal(decode_segmentation(tmp_path / "s.png"), labels)
 
 
+def test_a_segmentation_that_is_not_a_png_is_refused(tmp_path):
+    """Only the PNG decoder reads segmentations (DESIGN §2): a BMP named .png is an error."""
+    Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "s.png", format="BMP")
+    with pytest.raises(OSError, match="cannot identify image file"):
+        decode_segmentation(tmp_path / "s.png")
+
+
 def test_loader_normalises_and_keeps_index_order(broden_tiny):
     ds = BrodenDataset(broden_tiny.root)
     mean, std = IMAGENET_MEAN, IMAGENET_STD

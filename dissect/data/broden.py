@@ -376,9 +376,10 @@ def _present_splits(root: Path) -> set[str]:
 def decode_segmentation(path: str | os.PathLike[str]) -> np.ndarray:
     """Label numbers of a segmentation PNG: R + 256 * G as int32 (sh, sw).
 
-    Single-channel PNGs (mode L or I) hold the label number directly.
+    Single-channel PNGs (mode L or I) hold the label number directly. Only the PNG decoder is
+    tried (DESIGN.md §2: segmentations are PNGs): no other format's parser sees the file.
     """
-    with Image.open(path) as image:
+    with Image.open(path, formats=("PNG",)) as image:
         if image.mode in ("L", "I", "I;16"):
             return np.asarray(image).astype(np.int32)
         if image.mode not in ("RGB", "RGBA"):
