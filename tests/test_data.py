@@ -152,13 +152,6 @@ def test_decode_segmentation_does_not_overflow(tmp_path):
     np.testing.assert_array_equal(decode_segmentation(tmp_path / "s.png"), labels)
 
 
-def test_a_segmentation_that_is_not_a_png_is_refused(tmp_path):
-    """Only the PNG decoder reads segmentations (DESIGN §2): a BMP named .png is an error."""
-    Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "s.png", format="BMP")
-    with pytest.raises(OSError, match="cannot identify image file"):
-        decode_segmentation(tmp_path / "s.png")
-
-
 def test_loader_normalises_and_keeps_index_order(broden_tiny):
     ds = BrodenDataset(broden_tiny.root)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -299,9 +292,16 @@ def corrupt_palette_png(root):
     return 2, "load_segmentation", "a2_part.png", "PNG mode LA is not a label encoding"
 
 
+def corrupt_segmentation_not_png(root):
+    """Only the PNG decoder reads segmentations (DESIGN §2): a BMP named .png is refused."""
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(
+        root / "images" / "seg" / "a2_part.png", format="BMP")
+    return 2, "load_segmentation", "a2_part.png", "cannot identify image file"
+
+
 @pytest.mark.parametrize("corrupt", [corrupt_unreadable_image, corrupt_image_size,
                                      corrupt_seg_size, corrupt_unknown_pixel_label,
-                                     corrupt_palette_png])
+                                     corrupt_palette_png, corrupt_segmentation_not_png])
 def test_file_content_problems_are_listed_and_raised_on_load(broden_tiny, corrupt):
     index, method, file, text = corrupt(broden_tiny.root)
     line = index + 2
