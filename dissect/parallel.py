@@ -141,12 +141,15 @@ def scheduler_context(scheduler: str = "threads", num_workers: int | None = None
             yield SchedulerSetup({"scheduler": dask.threaded.get, "num_workers": workers},
                                  threads)
             return
-        # One process pool for every graph of the block (worker start-up is paid once).
+        # One process pool for every graph of the block (worker start-up is paid once). Tasks
+        # are sent one at a time: dask.multiprocessing batches 6 by default, which hands one
+        # worker 10 of 16 chunks while the other idles (our tasks are large, so one at a time
+        # costs nothing).
         context = multiprocessing.get_context(dask.config.get("multiprocessing.context", "spawn"))
         with ProcessPoolExecutor(workers, mp_context=context,
                                  initializer=initialize_worker_process) as pool:
-            yield SchedulerSetup({"scheduler": dask.multiprocessing.get, "pool": pool},
-                                 threads)
+            yield SchedulerSetup({"scheduler": dask.multiprocessing.get, "pool": pool,
+                                  "chunksize": 1}, threads)
         return
     from distributed import Client
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 
+import dask
 import h5py
 import numpy as np
 import pytest
@@ -97,6 +99,23 @@ def test_schedulers_and_chunkings_are_identical_tiny(broden_tiny, tmp_path: Path
         got = compute_counts(reader, dataset, thresholds, union="annotated", chunk_size=size,
                              scheduler="synchronous")
         assert got.equals(expected)
+
+
+def test_processes_scheduler_sends_one_task_at_a_time(monkeypatch) -> None:
+    # dask.multiprocessing batches 6 ready tasks per submission by default: one worker then gets
+    # 6 chunks at once and finishes last while the others idle (2 workers, 16 chunks: 10 vs 6).
+    with scheduler_context("processes", num_workers=2) as setup:
+        pool = setup.compute_kwargs["pool"]
+        submit, batches = pool.submit, []
+
+        def recording(function, tasks, *args, **kwargs):
+            batches.append(len(tasks))
+            return submit(function, tasks, *args, **kwargs)
+
+        monkeypatch.setattr(pool, "submit", recording)
+        parts = [dask.delayed(operator.add)(i, 1) for i in range(8)]
+        assert dask.compute(*parts, **setup.compute_kwargs) == tuple(range(1, 9))
+    assert batches == [1] * 8
 
 
 def test_tree_of_many_chunks_matches_topk() -> None:
