@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zlib
 
 import numpy as np
 import pytest
@@ -252,11 +253,42 @@ def corrupt_dotdot_inside_path(root):
     return "index.csv", 4, "escapes the dataset's images/ folder"
 
 
+def corrupt_dotdot_through_a_folder(root):
+    """``seg/..`` is refused even though it cancels out lexically: when seg is a link to another
+    disk, the system resolves ``..`` from the link's target, outside the dataset."""
+    _replace(root / "index.csv", "seg/a2_part.png", "seg/../seg/a2_part.png")
+    return "index.csv", 4, "escapes the dataset's images/ folder"
+
+
+def corrupt_empty_image_cell(root):
+    _replace(root / "index.csv", "img2.png,val", ",val")
+    return "index.csv", 4, "column image is empty"
+
+
+def corrupt_duplicate_column(root):
+    _replace(root / "index.csv", "part,scene", "part,object")
+    return "index.csv", 1, "header lists column(s) object more than once"
+
+
+def corrupt_category_name_is_a_path(root):
+    (root / "c_x").mkdir()
+    with open(root / "category.csv", "a") as handle:
+        handle.write("x/../../outside,1,1,0,0\n")
+    return "category.csv", 6, "category name 'x/../../outside' contains '/'"
+
+
+def corrupt_nan_coverage(root):
+    _replace(root / "c_part.csv", "leg,1,0.1", "leg,1,nan")
+    return "c_part.csv", 2, "column coverage: nan is not a finite number >= 0"
+
+
 @pytest.mark.parametrize("corrupt", [
     corrupt_missing_image, corrupt_missing_png, corrupt_unknown_image_label,
     corrupt_unknown_category_column, corrupt_malformed_label_category,
     corrupt_escaping_image_path, corrupt_escaping_png_path, corrupt_short_row,
-    corrupt_unicode_digits, corrupt_huge_label_number, corrupt_dotdot_inside_path])
+    corrupt_unicode_digits, corrupt_huge_label_number, corrupt_dotdot_inside_path,
+    corrupt_dotdot_through_a_folder, corrupt_empty_image_cell, corrupt_duplicate_column,
+    corrupt_category_name_is_a_path, corrupt_nan_coverage])
 def test_csv_level_problems_are_listed_and_refused(broden_tiny, corrupt):
     file, line, text = corrupt(broden_tiny.root)
     problems = check_dataset(broden_tiny.root)
@@ -299,15 +331,33 @@ def corrupt_segmentation_not_png(root):
     return 2, "load_segmentation", "a2_part.png", "cannot identify image file"
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (len(data).to_bytes(4, "big") + kind + data
+            + zlib.crc32(kind + data).to_bytes(4, "big"))
+
+
+def corrupt_decompression_bomb(root):
+    """A PNG whose header claims 20000x20000 pixels: Pillow refuses it as a decompression bomb
+    (an exception that is not an OSError), which must still be a DatasetError."""
+    header = (20000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    (root / "images" / "seg" / "a2_part.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b""))
+    return 2, "load_segmentation", "a2_part.png", "decompression bomb"
+
+
 @pytest.mark.parametrize("corrupt", [corrupt_unreadable_image, corrupt_image_size,
                                      corrupt_seg_size, corrupt_unknown_pixel_label,
-                                     corrupt_palette_png, corrupt_segmentation_not_png])
+                                     corrupt_palette_png, corrupt_segmentation_not_png,
+                                     corrupt_decompression_bomb])
 def test_file_content_problems_are_listed_and_raised_on_load(broden_tiny, corrupt):
     index, method, file, text = corrupt(broden_tiny.root)
     line = index + 2
     problems = check_dataset(broden_tiny.root)
     assert any(p.line == line and file in p.message and text in p.message for p in problems), \
         problems
+    # the problem gives its line once (as file and line), not again inside the message
+    assert not any("index.csv, line" in p.message for p in problems), problems
     ds = BrodenDataset(broden_tiny.root)
     with pytest.raises(DatasetError) as error:
         getattr(ds, method)(index)
@@ -341,3 +391,34 @@ def test_fingerprint_ignores_unrelated_csv_files(broden_tiny):
     assert BrodenDataset(broden_tiny.root).fingerprint() == before
     _replace(broden_tiny.root / "c_part.csv", "leg,1,0.1", "leg,1,0.2")
     assert BrodenDataset(broden_tiny.root).fingerprint() != before
+
+
+def test_image_level_label_0_means_unlabeled(broden_tiny):
+    # Broden's generator writes 0 for an image-level label it dropped (DESIGN §2: 0 = unlabeled)
+    _replace(broden_tiny.root / "index.csv", "seg/a1_color.png,,,7", "seg/a1_color.png,,,0;7")
+    _replace(broden_tiny.root / "index.csv", "seg/a2_part.png,6", "seg/a2_part.png,0")
+    assert check_dataset(broden_tiny.root) == []
+    ds = BrodenDataset(broden_tiny.root)
+    assert [a.tolist() for a in ds.image_level_labels("scene")] == [[6], [7], []]
+    assert ds.load_segmentation(1)[1].tolist() == [7]
+
+
+def test_backslash_paths_are_checked_and_opened_alike(broden_tiny):
+    _replace(broden_tiny.root / "index.csv", "seg/a0_part1.png;seg/a0_part2.png",
+             "seg\\a0_part1.png;seg\\a0_part2.png")
+    assert check_dataset(broden_tiny.root) == []
+    seg, _ = BrodenDataset(broden_tiny.root).load_segmentation(0)
+    np.testing.assert_array_equal(seg, broden_tiny.seg[0])
+
+
+def test_one_category_or_split_may_be_a_string(broden_tiny):
+    ds = BrodenDataset(broden_tiny.root, categories="scene", splits="val")
+    assert ds.categories == ("scene",) and ds.image_names == ["img2.png"]
+
+
+def test_index_without_images_is_a_problem(broden_tiny):
+    text = (broden_tiny.root / "index.csv").read_text()
+    (broden_tiny.root / "index.csv").write_text(text.splitlines()[0] + "\n")
+    assert [str(p) for p in check_dataset(broden_tiny.root)] == ["index.csv: lists no images"]
+    with pytest.raises(DatasetError, match="index.csv: lists no images"):
+        BrodenDataset(broden_tiny.root)

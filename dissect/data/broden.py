@@ -73,14 +73,21 @@ class ParsedDataset:
 def is_inside(relative: str) -> bool:
     """True when ``relative`` is a relative path that cannot leave its folder.
 
-    The check is lexical (no ``..`` after normalisation, not absolute, no drive), so folders that
-    are symbolic links inside the dataset (a Broden copy spread over disks) stay usable, and it
-    costs no system call per path.
+    The check is lexical (not absolute, no drive, no ``..`` component at all), so folders that are
+    symbolic links inside the dataset (a Broden copy spread over disks) stay usable, and it costs
+    no system call per path. ``..`` is refused even where it would cancel out lexically
+    (``a/../b``): when ``a`` is a link, the system resolves ``..`` from the link's target.
     """
     if not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
         return False
-    normal = os.path.normpath(relative.replace("\\", "/"))
-    return normal != ".." and not normal.startswith("../") and ":" not in normal.split("/")[0]
+    parts = relative.replace("\\", "/").split("/")
+    return ".." not in parts and ":" not in parts[0]
+
+
+def _dataset_path(cell: str) -> str:
+    """A path cell of index.csv in the form used both to check and to open it: ``\\`` (written
+    on Windows) is a folder separator."""
+    return cell.strip().replace("\\", "/")
 
 
 def _read_csv(
@@ -95,6 +102,11 @@ def _read_csv(
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             header = list(reader.fieldnames or [])
+            twice = sorted({column for column in header if header.count(column) > 1})
+            if twice:
+                problems.append(Problem(name, 1, f"header lists column(s) {', '.join(twice)} "
+                                                 f"more than once"))
+                return None
             missing = [column for column in required if column not in header]
             if missing:
                 problems.append(
@@ -149,6 +161,10 @@ def _parse_categories(root: Path, problems: list[Problem]) -> tuple[str, ...]:
         name = row["name"].strip()
         if not name:
             problems.append(Problem("category.csv", line, "empty category name"))
+        elif "/" in name or "\\" in name or name.startswith("."):
+            problems.append(Problem("category.csv", line,
+                                    f"category name {name!r} contains '/', '\\' or starts with "
+                                    f"'.'; it names the file c_<name>.csv in the dataset folder"))
         elif name in names:
             problems.append(Problem("category.csv", line, f"category {name!r} listed twice"))
         else:
@@ -213,6 +229,12 @@ def _parse_coverage(
             value = _parse_float(row["coverage"], file, line, "coverage", problems)
             if number is None or value is None:
                 continue
+            if not np.isfinite(value) or value < 0:
+                problems.append(Problem(file, line, f"column coverage: {value} is not a "
+                                                    f"finite number >= 0"))
+                continue
+            if number == 0:                  # 0 means unlabeled: no category membership
+                continue
             if number not in names:
                 problems.append(Problem(file, line, f"label number {number} is not in label.csv"))
                 continue
@@ -228,7 +250,7 @@ class _FileIndex:
         self.listings: dict[str, set[str]] = {}
 
     def exists(self, relative: str) -> bool:
-        folder, _, name = relative.replace("\\", "/").rpartition("/")
+        folder, _, name = relative.rpartition("/")
         if folder not in self.listings:
             try:
                 self.listings[folder] = {entry.name for entry in os.scandir(self.root / folder)
@@ -263,11 +285,14 @@ def _parse_index(
         split = row["split"].strip()
         if splits is not None and split not in splits:
             continue
-        image = row["image"].strip()
+        image = _dataset_path(row["image"])
         sizes = [_parse_int(row[c], "index.csv", line, c, problems, minimum=1)
                  for c in ("ih", "iw", "sh", "sw")]
         ok = all(s is not None for s in sizes)
-        if not is_inside(image):
+        if not image:
+            problems.append(Problem("index.csv", line, "column image is empty"))
+            ok = False
+        elif not is_inside(image):
             problems.append(Problem("index.csv", line,
                                     f"image path {image!r} escapes the dataset's images/ folder"))
             ok = False
@@ -282,11 +307,13 @@ def _parse_index(
             pixel: list[str] = []
             labels: list[int] = []
             for part in (row[category] or "").split(";"):
-                part = part.strip()
+                part = _dataset_path(part)
                 if not part:
                     continue
                 if DIGITS.fullmatch(part):
                     number = int(part)
+                    if number == 0:          # 0 means unlabeled (DESIGN §2), as in a PNG
+                        continue
                     if number >= len(known) or not known[number]:
                         problems.append(Problem(
                             "index.csv", line,
@@ -312,6 +339,13 @@ def _parse_index(
     return entries, index_categories
 
 
+def _names(values: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    """A selection of categories or splits as a tuple; one name may be given as a string."""
+    if values is None:
+        return None
+    return (values,) if isinstance(values, str) else tuple(values)
+
+
 def parse_dataset(
     root: str | os.PathLike[str],
     categories: Iterable[str] | None = None,
@@ -329,6 +363,7 @@ def parse_dataset(
         Splits to keep (default: all).
     """
     root = Path(root)
+    categories, splits = _names(categories), _names(splits)
     problems: list[Problem] = []
     if not root.is_dir():
         raise DatasetError(f"dataset directory {root} does not exist")
@@ -364,6 +399,8 @@ def parse_dataset(
             if split not in present:
                 raise OptionError(f"split {split!r} is not in {root / 'index.csv'}; "
                                   f"splits: {', '.join(sorted(present))}")
+    if not entries and not problems:
+        problems.append(Problem("index.csv", None, "lists no images"))
     parsed = ParsedDataset(root, all_categories, selected, vocab, known, entries, index_categories)
     return parsed, problems
 
@@ -441,8 +478,8 @@ class BrodenDataset:
         categories: Iterable[str] | None = None,
         splits: Iterable[str] | None = None,
     ) -> None:
-        categories = tuple(categories) if categories is not None else None
-        splits = tuple(splits) if splits is not None else None
+        categories = _names(categories)
+        splits = _names(splits)
         parsed, problems = parse_dataset(root, categories, splits)
         if problems:
             more = f" (and {len(problems) - 1} more problems; run `dissect dataset check " \
@@ -557,7 +594,7 @@ class BrodenDataset:
         try:
             with Image.open(path) as image:
                 pixels = np.array(image.convert("RGB"))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise DatasetError(f"{path} ({self._where(index)}) cannot be read: {error}") from None
         if pixels.shape[:2] != entry.image_size:
             raise DatasetError(
@@ -591,7 +628,7 @@ class BrodenDataset:
         path = self.root / "images" / name
         try:
             layer = decode_segmentation(path)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise DatasetError(f"{path} ({self._where(index)}) cannot be read: {error}") from None
         if layer.shape != entry.seg_size:
             raise DatasetError(

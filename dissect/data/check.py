@@ -25,6 +25,7 @@ def check_dataset(root: str | os.PathLike[str]) -> list[Problem]:
         for load in (dataset.load_image, dataset.load_segmentation):
             try:
                 load(index)
-            except DatasetError as error:
-                problems.append(Problem("index.csv", entry.line, str(error)))
+            except DatasetError as error:     # the problem names the line: no second copy
+                message = str(error).replace(f" ({dataset._where(index)})", "")
+                problems.append(Problem("index.csv", entry.line, message))
     return problems
