@@ -42,6 +42,7 @@ __all__ = [
     "tree_reduce",
     "compute_thresholds",
     "compute_counts",
+    "check_images",
 ]
 
 SCHEDULERS: tuple[str, ...] = ("threads", "processes", "synchronous")
@@ -60,6 +61,8 @@ class ActivationReader(Protocol):
     def shape(self) -> tuple[int, ...]: ...
 
     def read(self, start: int, stop: int) -> np.ndarray: ...
+
+    # read_rows(indices) -> np.ndarray is also needed when an ``images`` subset is given.
 
 
 class SegmentationSource(Protocol):
@@ -264,21 +267,56 @@ def _sum_counts(*counts: IoUCounts) -> IoUCounts:
     return total
 
 
-def _threshold_chunk(reader: ActivationReader, start: int, stop: int, quantile: float,
+#: Rows of one task: a [start, stop) range of the cache, or an int64 array of cache rows.
+Rows = tuple[int, int] | np.ndarray
+
+
+def _read_acts(reader: ActivationReader, rows: Rows) -> np.ndarray:
+    if isinstance(rows, tuple):
+        return reader.read(*rows)
+    return reader.read_rows(rows)  # type: ignore[attr-defined]
+
+
+def _task_rows(n_images: int, size: int, images: np.ndarray | None) -> list[Rows]:
+    """The rows of every task: ranges of the cache, or slices of ``images``."""
+    if images is None:
+        return list(image_chunks(n_images, size))
+    return [images[start:stop] for start, stop in image_chunks(len(images), size)]
+
+
+def check_images(images: Sequence[int] | np.ndarray | None, n_images: int) -> np.ndarray | None:
+    """``images`` as int64 (M,) strictly increasing rows in [0, n_images), M >= 1 (None stays).
+
+    Raises OptionError otherwise.
+    """
+    if images is None:
+        return None
+    rows = np.asarray(images)
+    if rows.ndim != 1 or len(rows) == 0 or not np.issubdtype(rows.dtype, np.integer):
+        raise OptionError(f"images: expected a non-empty 1-d array of image indices, got "
+                          f"{rows.dtype} of shape {rows.shape}")
+    rows = rows.astype(np.int64)
+    if rows[0] < 0 or rows[-1] >= n_images or (np.diff(rows) <= 0).any():
+        raise OptionError(f"images: indices must increase strictly within [0, {n_images})")
+    return rows
+
+
+def _threshold_chunk(reader: ActivationReader, rows: Rows, quantile: float,
                      n_values: int, threads: int | None) -> TopKQuantile:
     set_task_threads(threads)
-    acts = reader.read(start, stop)
+    acts = _read_acts(reader, rows)
     state = TopKQuantile(acts.shape[1], quantile, n_values)
     state.add(acts)
     return state
 
 
-def _count_chunk(reader: ActivationReader, dataset: SegmentationSource, start: int, stop: int,
+def _count_chunk(reader: ActivationReader, dataset: SegmentationSource, rows: Rows,
                  thresholds: np.ndarray, primary: np.ndarray, n_categories: int, union: str,
                  threads: int | None, device: str | None) -> IoUCounts:
     set_task_threads(threads)
-    acts = reader.read(start, stop)
-    seg, image_labels = dataset.load_segmentations(range(start, stop))
+    acts = _read_acts(reader, rows)
+    seg, image_labels = dataset.load_segmentations(range(*rows) if isinstance(rows, tuple)
+                                                   else rows)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return count_iou(acts, seg, image_labels, thresholds, primary, n_categories,
@@ -292,7 +330,8 @@ def _wrap(value: Any, label: str) -> Any:
 
 def compute_thresholds(reader: ActivationReader, quantile: float, *,
                        chunk_size: int | None = None, scheduler: str | SchedulerSetup = "threads",
-                       num_workers: int | None = None) -> np.ndarray:
+                       num_workers: int | None = None,
+                       images: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """Per-unit (1 - quantile) quantile of a cached layer (DESIGN.md §3 step 1).
 
     Parameters
@@ -306,23 +345,28 @@ def compute_thresholds(reader: ActivationReader, quantile: float, *,
         Images per task (default :func:`default_chunk_size`).
     scheduler, num_workers:
         See :func:`scheduler_context`; ``scheduler`` may also be a SchedulerSetup from it.
+    images:
+        Only these cache rows (int (M,), strictly increasing; the reader then needs
+        ``read_rows``); default every row.
 
     Returns
     -------
-    float64 (U,): equal to ``numpy.quantile(acts[:, u].astype(float32), 1 - quantile)``.
+    float64 (U,): equal to ``numpy.quantile(acts[rows, u].astype(float32), 1 - quantile)``.
     """
     shape = tuple(reader.shape)
     n_images = shape[0]
     if n_images == 0:
         raise DissectError("cannot compute thresholds of a cache with no images")
-    n_values = int(np.prod(shape)) // shape[1] if len(shape) > 1 else n_images
+    images = check_images(images, n_images)
+    used = n_images if images is None else len(images)
+    n_values = used * (int(np.prod(shape[2:])) if len(shape) > 2 else 1)
     size = default_chunk_size(shape) if chunk_size is None else check_chunk_size(chunk_size)
     with _use_scheduler(scheduler, num_workers) as setup:
         source = _wrap(reader, "reader")
         parts = [dask.delayed(_threshold_chunk, pure=False)(
-            source, start, stop, float(quantile), n_values, setup.task_threads,
-            dask_key_name=f"thresholds-{start}-{uuid.uuid4().hex}")
-            for start, stop in image_chunks(n_images, size)]
+            source, rows, float(quantile), n_values, setup.task_threads,
+            dask_key_name=f"thresholds-{number}-{uuid.uuid4().hex}")
+            for number, rows in enumerate(_task_rows(n_images, size, images))]
         # fan-in 2: a merge holds its 2 input states and its result (plus a bounded block)
         with torch_threads_kept():
             (state,) = dask.compute(tree_reduce(parts, _merge_states, fan_in=2),
@@ -334,7 +378,8 @@ def compute_counts(reader: ActivationReader, dataset: SegmentationSource,
                    thresholds: np.ndarray, *, primary: np.ndarray | None = None,
                    n_categories: int | None = None, union: str = "touched",
                    chunk_size: int | None = None, scheduler: str | SchedulerSetup = "threads",
-                   num_workers: int | None = None, device: str | None = None) -> IoUCounts:
+                   num_workers: int | None = None, device: str | None = None,
+                   images: Sequence[int] | np.ndarray | None = None) -> IoUCounts:
     """IoU counts of a cached layer summed over the dataset (DESIGN.md §3 steps 2-3).
 
     Parameters
@@ -354,6 +399,8 @@ def compute_counts(reader: ActivationReader, dataset: SegmentationSource,
         See :func:`compute_thresholds`.
     device:
         Torch device for the chunk work; default CUDA when available in the task, else CPU.
+    images:
+        Only these images (cache rows and dataset indices; see :func:`compute_thresholds`).
 
     Returns
     -------
@@ -375,6 +422,7 @@ def compute_counts(reader: ActivationReader, dataset: SegmentationSource,
                           f"{shape[1]} units")
     if n_images == 0:
         return IoUCounts.zeros(shape[1], len(primary), int(n_categories))
+    images = check_images(images, n_images)
     seg_size = getattr(dataset, "seg_size", (0, 0))
     size = (default_chunk_size(shape, seg_size) if chunk_size is None
             else check_chunk_size(chunk_size))
@@ -384,9 +432,9 @@ def compute_counts(reader: ActivationReader, dataset: SegmentationSource,
         thresholds_d = _wrap(thresholds, "thresholds")
         primary_d = _wrap(primary, "primary")
         parts = [dask.delayed(_count_chunk, pure=False)(
-            source, data, start, stop, thresholds_d, primary_d, int(n_categories), union,
-            setup.task_threads, device, dask_key_name=f"counts-{start}-{uuid.uuid4().hex}")
-            for start, stop in image_chunks(n_images, size)]
+            source, data, rows, thresholds_d, primary_d, int(n_categories), union,
+            setup.task_threads, device, dask_key_name=f"counts-{number}-{uuid.uuid4().hex}")
+            for number, rows in enumerate(_task_rows(n_images, size, images))]
         with torch_threads_kept():
             (counts,) = dask.compute(tree_reduce(parts, _sum_counts), **setup.compute_kwargs)
     return counts

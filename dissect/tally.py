@@ -29,7 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dissect.errors import CacheError, OptionError
+from dissect.errors import CacheError, DatasetError, OptionError
 from dissect.parallel import (
     ActivationReader,
     check_scheduler,
@@ -358,6 +358,19 @@ def _open_reader(cache: str | os.PathLike[str] | ActivationReader) -> tuple[Any,
     return cache, f"cache {path}" if path is not None else repr(cache), layer
 
 
+def _labeled_images(dataset: Any, where: str) -> np.ndarray | None:
+    """Rows that take part in the dissection: images with a label in the selected categories
+    (None: every image). DatasetError when there is none."""
+    labeled = getattr(dataset, "labeled_images", None)
+    if labeled is None:
+        return None
+    images = labeled()
+    if len(images) == 0:
+        raise DatasetError(f"{where}: no image of dataset {dataset.root} has a label in the "
+                           f"selected categories ({', '.join(dataset.categories)})")
+    return None if len(images) == len(dataset) else images
+
+
 def dissect_layer(
     cache: str | os.PathLike[str] | ActivationReader,
     dataset: Any,
@@ -383,6 +396,8 @@ def dissect_layer(
     dataset:
         The ``BrodenDataset`` the cache was recorded on (row n = image n); its selected
         categories are the categories of the result. Labels of no selected category get IoU 0.
+        Images with no label in the selected categories take no part (thresholds included),
+        as in NetDissect-Lite.
     layer:
         Name stored in the result (default: the cache's fingerprint layer or file stem).
     quantile:
@@ -421,18 +436,20 @@ def dissect_layer(
                          f"{len(dataset)}; record the cache on this dataset (every image, no "
                          f"split selection)")
     given = None if thresholds is None else load_thresholds(thresholds, shape[1])
+    images = _labeled_images(dataset, where)
     vocab = dataset.vocab
     categories = tuple(dataset.categories)
     primary = np.asarray(vocab.primary, dtype=np.int64)
     with scheduler_context(scheduler, num_workers) as setup:
         if given is None:
             values = compute_thresholds(reader, float(quantile), chunk_size=chunk_size,
-                                        scheduler=setup)
+                                        scheduler=setup, images=images)
         else:
             values = given
         counts = compute_counts(reader, dataset, values, primary=primary,
                                 n_categories=len(categories), union=union,
-                                chunk_size=chunk_size, scheduler=setup, device=device)
+                                chunk_size=chunk_size, scheduler=setup, device=device,
+                                images=images)
     result = DissectionResult.from_counts(
         layer or default_layer, categories, values, counts, vocab.names, primary,
         iou_threshold=float(iou_threshold), quantile=None if given is not None else float(quantile),

@@ -118,6 +118,36 @@ def test_processes_scheduler_sends_one_task_at_a_time(monkeypatch) -> None:
     assert batches == [1] * 8
 
 
+def test_an_image_subset_equals_the_serial_result_on_those_images(toy_dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    dataset = BrodenDataset(toy_dataset)
+    n = len(dataset)
+    reader = CacheReader(write_cache(tmp_path / "conv.h5", random_acts(n, 5, 8, seed=4), batch=8))
+    images = np.array([0, 1, 2, 7, 8, 20, 31, n - 1])
+    acts = reader.read(0, n)[images]
+    expected_t = np.array([np.quantile(acts[:, u].ravel(), 0.9) for u in range(5)])
+    seg, labels = dataset.load_segmentations(images)
+    expected_c = count_iou(acts, seg, labels, expected_t, dataset.vocab.primary,
+                           len(dataset.categories))
+    assert expected_c.intersection.sum() > 0
+    for scheduler in ("synchronous", "threads", "processes"):
+        with scheduler_context(scheduler, num_workers=2) as setup:
+            for size in (1, 3, 8):
+                got_t = compute_thresholds(reader, 0.1, chunk_size=size, scheduler=setup,
+                                           images=images)
+                np.testing.assert_array_equal(got_t, expected_t)
+                got_c = compute_counts(reader, dataset, got_t, chunk_size=size, scheduler=setup,
+                                       images=images)
+                assert got_c.equals(expected_c), (scheduler, size)
+
+
+def test_bad_image_subsets_name_the_option(toy_dataset: Path, tmp_path: Path) -> None:
+    reader = CacheReader(write_cache(tmp_path / "conv.h5", random_acts(4, 2, 2), batch=2))
+    for bad in ([], [2, 1], [0, 0], [0, 4], [-1], np.array([0.5])):
+        with pytest.raises(OptionError, match="images"):
+            compute_thresholds(reader, 0.1, images=bad)
+
+
 def test_tree_of_many_chunks_matches_topk() -> None:
     # more chunks than the fan-in: a two-level reduction tree
     class ArrayReader:

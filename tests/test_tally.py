@@ -280,6 +280,40 @@ def test_category_selection(broden_tiny, tmp_path: Path) -> None:
     assert tally_columns(result.categories)[4:6] == ["color-label", "color-truth"]
 
 
+def test_images_without_labels_in_the_selected_categories_take_no_part(broden_tiny,
+                                                                       tmp_path: Path) -> None:
+    # NetDissect-Lite keeps only images with data in its categories (index_has_any_data):
+    # img1 has no object cell, so with object alone it is left out, thresholds included.
+    dataset = BrodenDataset(broden_tiny.root, categories=["object"])
+    assert dataset.labeled_images().tolist() == [0, 2]
+    acts = np.random.default_rng(3).normal(size=(3, 2, 2, 2)).astype(np.float32)
+    acts[1] += 10.0                      # img1 would dominate every threshold
+    cache = write_cache(tmp_path / "layer.h5", acts)
+    result = dissect_layer(cache, dataset, quantile=0.25, union="all", chunk_size=1)
+    kept = acts.astype(np.float16).astype(np.float32)[[0, 2]]
+    assert result.thresholds.tolist() == [np.quantile(kept[:, u].ravel(), 0.75)
+                                          for u in range(2)]
+    seg, labels = dataset.load_segmentations([0, 2])
+    expected = count_iou(kept, seg, labels, result.thresholds, dataset.vocab.primary, 1, "all")
+    np.testing.assert_array_equal(result.act_area, expected.act_area)
+    np.testing.assert_array_equal(result.intersection, expected.intersection)
+    # every category selected: every image has a label, all rows are used
+    assert BrodenDataset(broden_tiny.root).labeled_images().tolist() == [0, 1, 2]
+
+
+def test_no_labeled_image_is_a_dataset_error(broden_tiny, tmp_path: Path) -> None:
+    from dissect.errors import DatasetError
+
+    index = broden_tiny.root / "index.csv"
+    index.write_text(index.read_text().replace("seg/a0_object.png", "")
+                     .replace("seg/a2_object.png", ""))
+    dataset = BrodenDataset(broden_tiny.root, categories=["object"])
+    cache = write_cache(tmp_path / "layer.h5", tiny_acts())
+    with pytest.raises(DatasetError, match=r"no image .* has a label in the selected "
+                                           r"categories \(object\)"):
+        dissect_layer(cache, dataset)
+
+
 def test_errors_name_the_option_or_file(broden_tiny, tmp_path: Path) -> None:
     dataset = BrodenDataset(broden_tiny.root)
     cache = write_cache(tmp_path / "layer.h5", tiny_acts())

@@ -539,6 +539,17 @@ class BrodenDataset:
         """(N,) str: the split of every selected image."""
         return np.array([entry.split for entry in self._entries], dtype=str)
 
+    def labeled_images(self) -> np.ndarray:
+        """int64 (M,) indices of the images with any label in the selected categories.
+
+        An image counts when a selected category's cell lists a segmentation PNG or an
+        image-level label (NetDissect-Lite's ``index_has_any_data``, which leaves the other
+        images out of the whole dissection, thresholds included).
+        """
+        return np.array([i for i, entry in enumerate(self._entries)
+                         if any(entry.pixel_files.get(c) or entry.image_labels.get(c)
+                                for c in self.categories)], dtype=np.int64)
+
     def subset(self, split: str) -> np.ndarray:
         """int64 indices of the selected images whose split is ``split`` (OptionError if none)."""
         indices = np.flatnonzero(self.splits == split).astype(np.int64)
