@@ -128,9 +128,14 @@ def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise CacheError(f"{path} does not exist: {run_dir} is not a run directory "
                          f"(create one with `dissect record` or `dissect run`)")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CacheError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+        raise CacheError(f"{path} is not a dissect run record (expected a JSON object with "
+                         f"'config' and 'stages' objects); create the run with `dissect record` "
+                         f"or `dissect run`")
+    return data
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> RunConfig:
@@ -246,7 +251,7 @@ def stage_timer(interval: float = 0.05) -> Iterator[StageTiming]:
 
 def _record_stage(run_dir: Path, name: str, timing: StageTiming) -> None:
     data = read_run(run_dir)
-    data["stages"][name] = timing.to_json()
+    data.setdefault("stages", {})[name] = timing.to_json()
     _save_run(run_json_path(run_dir), data)
 
 
@@ -348,8 +353,11 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
         layer_dir = config.run_dir / layer
         if not force and stages.get(name, {}).get("options") == options and \
                 (layer_dir / "dissection.h5").is_file():
-            results[layer] = load_dissection(layer_dir)
-            continue
+            try:
+                results[layer] = load_dissection(layer_dir)
+                continue
+            except CacheError:      # damaged (e.g. a disk filled up): compute it again
+                pass
         with stage_timer() as timing:
             results[layer] = dissect_layer(
                 cache, dataset, layer=layer, quantile=config.quantile,

@@ -173,6 +173,19 @@ def test_unreadable_partial_is_started_again(tmp_path: Path) -> None:
     assert state.needed_blocks.tolist() == [0, 1, 2] and not partial_path(path).exists()
 
 
+def test_truncated_partial_is_started_again_not_taken_for_a_lock(tmp_path: Path,
+                                                                  acts: np.ndarray) -> None:
+    # HDF5's error for a truncated file names the "sblock" (superblock): not a lock held by
+    # another writer, so the partial is rebuilt instead of blocking every resume.
+    path = cache_path(tmp_path, "conv")
+    write_cache(path, acts, blocks=[0, 2], finish=False)
+    size = partial_path(path).stat().st_size
+    with open(partial_path(path), "r+b") as handle:
+        handle.truncate(size // 2)
+    state = CacheState(path, FINGERPRINT, 10, 4, force=False)
+    assert state.needed_blocks.tolist() == [0, 1, 2] and not partial_path(path).exists()
+
+
 def test_open_cache_errors(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="does not exist; run `dissect record`"):
         open_cache(tmp_path / "cache" / "nope.h5")

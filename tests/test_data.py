@@ -167,6 +167,10 @@ def test_loader_normalises_and_keeps_index_order(broden_tiny):
     assert resized.shape == (3, 3, 4, 4)
     with pytest.raises(OptionError, match="--std"):
         make_loader(ds, mean=mean, std=(1.0, 0.0, 1.0))
+    with pytest.raises(OptionError, match="--std"):
+        make_loader(ds, mean=mean, std=(float("nan"), 1.0, 1.0))
+    with pytest.raises(OptionError, match=r"--mean.*divide 0..255 values by 255"):
+        make_loader(ds, mean=(124.0, 117.0, 104.0), std=std)
 
 
 def test_loader_items_carry_label_layers_and_image_labels(broden_tiny):
@@ -371,6 +375,8 @@ def test_missing_csv_and_missing_directory(broden_tiny, tmp_path):
     assert [str(p) for p in problems] == ["c_scene.csv: file is missing"]
     with pytest.raises(DatasetError, match="does not exist"):
         BrodenDataset(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="index.csv is a file, not a directory"):
+        BrodenDataset(broden_tiny.root / "index.csv")
 
 
 def test_symlinked_image_folders_and_bom_headers_load(broden_tiny, tmp_path):

@@ -211,6 +211,10 @@ def test_weights_file_errors(tmp_path: Path) -> None:
     path.write_bytes(b"garbage")
     with pytest.raises(ModelError, match="weights_only=True"):
         load_weights(Tiny(), path)
+    torch.save(Tiny(), path)              # a whole pickled module: refused, no code runs
+    with pytest.raises(ModelError, match=r"pickled object \(.*Tiny\).*state_dict") as error:
+        load_weights(Tiny(), path)
+    assert "weights_only=False" not in str(error.value)   # we never advise running its code
 
 
 # --------------------------------------------------------------------------- layers

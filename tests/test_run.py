@@ -83,6 +83,27 @@ def test_later_commands_read_the_run_and_tally_is_skipped_when_up_to_date(
     assert (out / "report" / "conv4.html").is_file()
 
 
+def test_a_damaged_dissection_is_computed_again(recorded_run):
+    assert main(["tally", "--run", str(recorded_run), "--scheduler", "synchronous"]) == 0
+    dissection = recorded_run / "conv4" / "dissection.h5"
+    dissection.write_bytes(dissection.read_bytes()[:5000])          # e.g. a full disk
+    assert main(["tally", "--run", str(recorded_run), "--scheduler", "synchronous"]) == 0
+    from dissect.tally import load_dissection
+
+    assert load_dissection(recorded_run / "conv4").thresholds.shape == (64,)
+
+
+def test_a_hand_edited_run_json_is_a_clear_error(recorded_run, capsys):
+    data = json.loads((recorded_run / "run.json").read_text())
+    del data["stages"]
+    (recorded_run / "run.json").write_text(json.dumps(data))
+    assert main(["tally", "--run", str(recorded_run), "--layers", "conv4",
+                 "--scheduler", "synchronous"]) == 0          # no stages yet is fine
+    (recorded_run / "run.json").write_text("[]")
+    assert main(["report", str(recorded_run)]) == 2
+    assert "not a dissect run record" in capsys.readouterr().err
+
+
 def test_record_into_a_run_of_another_model_is_refused_and_keeps_the_run(
         toy_dataset, tmp_path, capsys):
     out = tmp_path / "run"

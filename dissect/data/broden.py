@@ -366,7 +366,8 @@ def parse_dataset(
     categories, splits = _names(categories), _names(splits)
     problems: list[Problem] = []
     if not root.is_dir():
-        raise DatasetError(f"dataset directory {root} does not exist")
+        raise DatasetError(f"dataset directory {root} " + (
+            "is a file, not a directory" if root.exists() else "does not exist"))
     all_categories = _parse_categories(root, problems)
     if categories is None:
         selected = all_categories

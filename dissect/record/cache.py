@@ -328,8 +328,12 @@ def check_free_space(directory: Path, needed: int) -> None:
 
 
 def _raise_if_locked(path: Path, error: BaseException) -> None:
-    """CacheError when ``error`` says another process holds ``path`` open for writing."""
-    if "lock" in str(error).lower():
+    """CacheError when ``error`` says another process holds ``path`` open for writing.
+
+    HDF5 says "unable to lock file"; a damaged file's errors mention e.g. "sblock" (superblock),
+    which must not read as a lock (it is rebuilt instead).
+    """
+    if "unable to lock file" in str(error).lower():
         raise CacheError(f"cache {path} is being written by another process ({error}); wait for "
                          f"it to finish or use another run directory") from error
 

@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -266,6 +267,19 @@ def _listed(keys: Sequence[str]) -> str:
     return ", ".join(keys[:LISTED_KEYS]) + more
 
 
+def _load_failure(error: BaseException) -> str:
+    """Why torch.load failed, without torch's advice to load with ``weights_only=False``
+    (which runs the file's code: we never do, and do not suggest it)."""
+    text = str(error)
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if match:
+        return (f"it holds a pickled object ({match.group(1)}), not only tensors; save "
+                f"model.state_dict() with torch.save and pass that file")
+    if "weights_only" in text:
+        return "it holds pickled objects other than tensors and plain containers"
+    return text
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load a state_dict from ``path`` into ``model`` (in place) and return the model.
 
@@ -286,7 +300,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors have many types
         raise ModelError(f"cannot read weights file {path!r} with torch.load(weights_only=True): "
-                         f"{error}") from error
+                         f"{_load_failure(error)}") from error
     model_state = model.state_dict()
     state = strip_wrapper_prefixes(_unwrap_checkpoint(checkpoint, path), list(model_state))
     shape_errors = [f"{k} {tuple(v.shape)} in file vs {tuple(model_state[k].shape)} in model"
