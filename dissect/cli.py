@@ -92,7 +92,7 @@ def _tally_options(parser: argparse.ArgumentParser) -> None:
                         help="top quantile of activations that defines a unit's mask "
                              "(default 0.005)")
     parser.add_argument("--thresholds", help=".npy file of shape (U,) with one layer's "
-                        "thresholds to use ('none' clears a file set earlier)")
+                        "thresholds, for this command only (name the layer with --layers)")
     parser.add_argument("--union", choices=("touched", "annotated", "all"),
                         help="union rule of the IoU (default touched)")
     parser.add_argument("--categories", nargs="+", help="categories to use (default all)")
@@ -294,6 +294,8 @@ def cmd_tally(args: argparse.Namespace) -> int:
 
     config = _updated_run_config(args.run, args, ("dataset", "quantile", "thresholds", "union",
                                                   "categories", "iou_threshold", "scheduler"))
+    if args.thresholds is None:      # run.json of older versions may still name a file
+        config = dataclasses.replace(config, thresholds=None)
     results = tally_stage(config, args.layers, force=args.force, save_config=True)
     from dissect.tally import format_detectors
 

@@ -168,13 +168,18 @@ def package_versions() -> dict[str, str]:
 
 def write_run_json(config: RunConfig, *, device: str | None = None,
                    stages: dict[str, Any] | None = None) -> Path:
-    """Write (or update) ``run.json``: config, versions, device; stages already there are kept."""
+    """Write (or update) ``run.json``: config, versions, device; stages already there are kept.
+
+    ``thresholds`` is not kept: a thresholds file belongs to one layer and one command (the
+    stage record of the layer it was used for names its sha256), so a later command never
+    applies it to another layer.
+    """
     path = run_json_path(config.run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = read_run(config.run_dir) if path.is_file() else {}
     data = {
         "schema_version": RUN_SCHEMA_VERSION,
-        "config": config.to_json(),
+        "config": dataclasses.replace(config, thresholds=None).to_json(),
         "versions": package_versions(),
         "device": device or previous.get("device") or "cpu",
         "stages": {**previous.get("stages", {}), **(stages or {})},
@@ -334,8 +339,7 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
     layers = list(layers or config.layers)
     if config.thresholds and len(layers) != 1:
         raise OptionError(f"--thresholds: {config.thresholds} holds one layer's thresholds; "
-                          f"choose that layer with --layers (this run has {', '.join(layers)}), "
-                          f"or clear it with --thresholds none")
+                          f"choose that layer with --layers (this run has {', '.join(layers)})")
     for layer in layers:
         if layer not in config.layers:
             raise OptionError(f"--layers: {layer!r} was not recorded in {config.run_dir}; "
@@ -418,7 +422,7 @@ def report_stage(run_dir: str | os.PathLike[str]) -> Path:
 def run_pipeline(config: RunConfig, *, force: bool = False, progress: bool = True) -> Path:
     """Record, tally, (ablate,) report. Resumes whatever is already done. Returns index.html."""
     record_stage(config, force=force, progress=progress)
-    config = read_config(config.run_dir)
+    config = dataclasses.replace(read_config(config.run_dir), thresholds=config.thresholds)
     tally_stage(config, force=force)
     if config.ablate:
         ablation_stage(config)

@@ -165,10 +165,16 @@ def test_a_refused_option_is_not_saved(recorded_run, tmp_path, capsys):
     np.save(good, np.full(64, 0.5))
     assert main(["tally", "--run", str(recorded_run), "--layers", "conv4",
                  "--thresholds", str(good), "--scheduler", "synchronous"]) == 0
-    assert json.loads((recorded_run / "run.json").read_text())["config"]["thresholds"]
-    assert main(["tally", "--run", str(recorded_run), "--thresholds", "none",
-                 "--scheduler", "synchronous"]) == 0
+    from dissect.tally import load_dissection
+
+    assert load_dissection(recorded_run / "conv4").thresholds.tolist() == [0.5] * 64
+    # a thresholds file is one layer's, for one command: never saved, never reused elsewhere
     assert json.loads((recorded_run / "run.json").read_text())["config"]["thresholds"] is None
+    assert main(["tally", "--run", str(recorded_run), "--layers", "conv3",
+                 "--scheduler", "synchronous"]) == 0
+    assert load_dissection(recorded_run / "conv3").quantile == 0.005
+    assert main(["tally", "--run", str(recorded_run), "--scheduler", "synchronous"]) == 0
+    assert load_dissection(recorded_run / "conv4").quantile == 0.005      # computed again
 
 
 def test_tally_refuses_a_dataset_the_cache_was_not_recorded_on(recorded_run, tmp_path, capsys):
