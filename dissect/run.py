@@ -294,9 +294,31 @@ def record_stage(config: RunConfig, *, force: bool = False, progress: bool = Tru
     # run.json is written only once the recorder accepted the run directory, so a refused run
     # (a cache from another model, say) leaves the earlier run's record untouched.
     write_run_json(_merge_layers(config), device=device)
+    if force:
+        _drop_results(config.run_dir, layers)
     timing.extra["layers"] = list(layers)
     _record_stage(config.run_dir, "record", timing)
     return paths
+
+
+def _drop_results(run_dir: Path, layers: Sequence[str]) -> None:
+    """Remove what was computed from the earlier caches of ``layers`` (recorded again with
+    --force): their dissection, tally and ablation files and stage records, so that no later
+    command or report mixes them with the new activations."""
+    from dissect.ablation.result import ABLATION_CSV, ABLATION_H5
+    from dissect.tally import DISSECTION_FILE, TALLY_FILE
+
+    for layer in layers:
+        for name in (DISSECTION_FILE, TALLY_FILE, ABLATION_H5, ABLATION_CSV):
+            (run_dir / layer / name).unlink(missing_ok=True)
+    data = read_run(run_dir)
+    stages = data.get("stages", {})
+    stale = [key for key in stages if key in {f"{kind}:{layer}" for layer in layers
+                                              for kind in ("tally", "ablate")}]
+    if stale:
+        for key in stale:
+            del stages[key]
+        _save_run(run_json_path(run_dir), data)
 
 
 def _merge_layers(config: RunConfig) -> RunConfig:

@@ -93,6 +93,17 @@ def test_a_damaged_dissection_is_computed_again(recorded_run):
     assert load_dissection(recorded_run / "conv4").thresholds.shape == (64,)
 
 
+def test_recording_again_with_force_drops_the_layers_old_results(recorded_run, toy_dataset):
+    assert main(["tally", "--run", str(recorded_run), "--scheduler", "synchronous"]) == 0
+    (recorded_run / "conv4" / "ablation.csv").write_text("unit\n")   # an earlier study
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv4",
+                 "--dataset", str(toy_dataset), "--out", str(recorded_run), "--force"]) == 0
+    assert not any((recorded_run / "conv4").iterdir())      # nothing left to mix with the new
+    assert (recorded_run / "conv3" / "dissection.h5").is_file()         # other layers kept
+    stages = json.loads((recorded_run / "run.json").read_text())["stages"]
+    assert "tally:conv4" not in stages and "tally:conv3" in stages
+
+
 def test_a_hand_edited_run_json_is_a_clear_error(recorded_run, capsys):
     data = json.loads((recorded_run / "run.json").read_text())
     del data["stages"]
