@@ -294,11 +294,40 @@ def record_stage(config: RunConfig, *, force: bool = False, progress: bool = Tru
     # run.json is written only once the recorder accepted the run directory, so a refused run
     # (a cache from another model, say) leaves the earlier run's record untouched.
     write_run_json(_merge_layers(config), device=device)
+    _remember_caches(config.run_dir, paths)
     if force:
         _drop_results(config.run_dir, layers)
     timing.extra["layers"] = list(layers)
     _record_stage(config.run_dir, "record", timing)
     return paths
+
+
+def _remember_caches(run_dir: Path, paths: dict[str, Path]) -> None:
+    """Keep each recorded layer's cache fingerprint in run.json (``caches``), so that later
+    stages can tell this run's caches from files put in their place."""
+    from dissect.record import open_cache
+
+    data = read_run(run_dir)
+    caches = data.setdefault("caches", {})
+    for layer, path in paths.items():
+        caches[layer] = open_cache(path).fingerprint
+    _save_run(run_json_path(run_dir), data)
+
+
+def _check_cache(run_dir: Path, config: RunConfig, layer: str, fingerprint: dict[str, Any],
+                 cache: Path) -> None:
+    """CacheError unless ``cache`` is the one recorded for ``layer`` in this run."""
+    from dissect.record.cache import LAYOUT_FIELDS, changed_fields
+
+    expected = read_run(run_dir).get("caches", {}).get(layer)
+    if expected is None:          # runs of earlier versions: what the config says
+        expected = {"layer": layer, "model": config.model}
+        fingerprint = {k: fingerprint.get(k) for k in expected}
+    changed = [k for k in changed_fields(fingerprint, expected) if k not in LAYOUT_FIELDS]
+    if changed:
+        raise CacheError(f"{cache} is not the cache recorded for layer {layer!r} in this run "
+                         f"(changed: {', '.join(changed)}); record it again with `dissect "
+                         f"record ... --layers {layer} --force`")
 
 
 def _drop_results(run_dir: Path, layers: Sequence[str]) -> None:
@@ -373,6 +402,7 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
             raise CacheError(
                 f"{cache} was recorded on another dataset than {config.dataset} (its index or "
                 f"label files differ); tally the dataset it was recorded on, or record again")
+        _check_cache(config.run_dir, config, layer, dict(info.fingerprint or {}), cache)
         options = {**_tally_options(config), "cache": _fingerprint_text(info),
                    "thresholds_sha256": _file_sha256(config.thresholds)}
         name = f"tally:{layer}"

@@ -104,6 +104,17 @@ def test_recording_again_with_force_drops_the_layers_old_results(recorded_run, t
     assert "tally:conv4" not in stages and "tally:conv3" in stages
 
 
+def test_tally_refuses_a_cache_put_in_place_of_the_recorded_one(recorded_run, capsys):
+    import shutil
+
+    cache = recorded_run / "cache"
+    shutil.copy(cache / "conv3.h5", cache / "conv4.h5")       # same unit count, other layer
+    assert main(["tally", "--run", str(recorded_run), "--layers", "conv4"]) == 2
+    err = capsys.readouterr().err
+    assert "conv4.h5 is not the cache recorded for layer 'conv4'" in err and "layer" in err
+    assert not (recorded_run / "conv4").exists()
+
+
 def test_a_hand_edited_run_json_is_a_clear_error(recorded_run, capsys):
     data = json.loads((recorded_run / "run.json").read_text())
     del data["stages"]
