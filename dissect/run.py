@@ -283,6 +283,7 @@ def record_stage(config: RunConfig, *, force: bool = False, progress: bool = Tru
     layers = tuple(resolve_layers(model, config.layers))
     if layers != config.layers:
         config = dataclasses.replace(config, layers=layers)
+    _check_same_recording(config)
     device = _device_name(config.device)
     with stage_timer() as timing:
         paths = record_activations(
@@ -348,6 +349,34 @@ def _drop_results(run_dir: Path, layers: Sequence[str]) -> None:
         for key in stale:
             del stages[key]
         _save_run(run_json_path(run_dir), data)
+
+
+#: Settings every layer cache of one run shares (what the activations depend on).
+RECORDING_FIELDS = ("model", "weights", "num_classes", "dataset", "mean", "std", "resize",
+                    "dtype", "autocast")
+
+
+def _check_same_recording(config: RunConfig) -> None:
+    """OptionError when the run directory holds other layers recorded with other settings.
+
+    run.json has one model, dataset and preprocessing for the whole run (later commands read
+    them), so a layer added to a run must be recorded like the layers already there.
+    """
+    if not run_json_path(config.run_dir).is_file():
+        return
+    from dissect.record import cache_path
+
+    previous = read_run(config.run_dir).get("config") or {}
+    others = [layer for layer in previous.get("layers", [])
+              if layer not in config.layers and cache_path(config.run_dir, layer).is_file()]
+    mine = {k: v for k, v in config.to_json().items() if k in RECORDING_FIELDS}
+    changed = [k for k in RECORDING_FIELDS if k in previous and previous[k] != mine[k]]
+    if others and changed:
+        raise OptionError(
+            f"--out {config.run_dir} holds layer(s) {', '.join(others)} recorded with other "
+            f"{', '.join(changed)} ({', '.join(f'{k}={previous[k]!r}' for k in changed)}); "
+            f"record into another --out, or give the same settings, or record every layer "
+            f"again (--layers {' '.join([*others, *config.layers])} --force)")
 
 
 def _merge_layers(config: RunConfig) -> RunConfig:

@@ -115,6 +115,21 @@ def test_tally_refuses_a_cache_put_in_place_of_the_recorded_one(recorded_run, ca
     assert not (recorded_run / "conv4").exists()
 
 
+def test_a_layer_added_with_other_preprocessing_is_refused(recorded_run, toy_dataset, capsys):
+    before = (recorded_run / "run.json").read_text()
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv2",
+                 "--dataset", str(toy_dataset), "--out", str(recorded_run),
+                 "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]) == 2
+    err = capsys.readouterr().err
+    assert "holds layer(s) conv3, conv4 recorded with other mean, std" in err
+    assert (recorded_run / "run.json").read_text() == before
+    assert not (recorded_run / "cache" / "conv2.h5").exists()
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv2",
+                 "--dataset", str(toy_dataset), "--out", str(recorded_run)]) == 0
+    layers = json.loads((recorded_run / "run.json").read_text())["config"]["layers"]
+    assert layers == ["conv3", "conv4", "conv2"]
+
+
 def test_a_hand_edited_run_json_is_a_clear_error(recorded_run, capsys):
     data = json.loads((recorded_run / "run.json").read_text())
     del data["stages"]
