@@ -283,10 +283,33 @@ def cmd_record(args: argparse.Namespace) -> int:
     from dissect.run import record_stage
 
     config = _config_from_args(args)
+    config = _keep_later_stage_options(config)
     paths = record_stage(config, force=args.force)
     for layer, path in paths.items():
         print(f"{layer}: {path}")
     return 0
+
+
+#: RunConfig fields `dissect record` sets; the rest (tally and ablation options) are kept
+#: from the run's run.json when it records into an existing run.
+RECORD_FIELDS = ("model", "weights", "num_classes", "layers", "dataset", "out", "mean", "std",
+                 "resize", "batch_size", "device", "dtype", "logits", "autocast",
+                 "channels_last")
+
+
+def _keep_later_stage_options(config: Any) -> Any:
+    """``config`` with the tally and ablation options of the run already in ``config.out``."""
+    from dissect.run import read_config, run_json_path
+
+    if not run_json_path(config.run_dir).is_file():
+        return config
+    try:
+        previous = read_config(config.run_dir)
+    except DissectError:        # not a readable run: record_stage reports what is wrong
+        return config
+    kept = {f.name: getattr(previous, f.name) for f in dataclasses.fields(previous)
+            if f.name not in RECORD_FIELDS}
+    return dataclasses.replace(config, **kept)
 
 
 def cmd_tally(args: argparse.Namespace) -> int:

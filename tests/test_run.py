@@ -130,6 +130,18 @@ def test_a_layer_added_with_other_preprocessing_is_refused(recorded_run, toy_dat
     assert layers == ["conv3", "conv4", "conv2"]
 
 
+def test_recording_again_keeps_the_runs_tally_options(recorded_run, toy_dataset):
+    assert main(["tally", "--run", str(recorded_run), "--quantile", "0.01", "--union", "all",
+                 "--scheduler", "synchronous"]) == 0
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv2",
+                 "--dataset", str(toy_dataset), "--out", str(recorded_run),
+                 "--batch-size", "16"]) == 0
+    config = json.loads((recorded_run / "run.json").read_text())["config"]
+    assert (config["quantile"], config["union"], config["scheduler"]) == (0.01, "all",
+                                                                          "synchronous")
+    assert config["batch_size"] == 16
+
+
 def test_a_hand_edited_run_json_is_a_clear_error(recorded_run, capsys):
     data = json.loads((recorded_run / "run.json").read_text())
     del data["stages"]
