@@ -370,6 +370,18 @@ COMMANDS = {"dataset": cmd_dataset, "layers": cmd_layers, "record": cmd_record,
             "demo": cmd_demo}
 
 
+def user_message(error: DissectError) -> str:
+    """The message of ``error`` without the worker traceback torch's DataLoader wraps around an
+    error raised in a decoding worker ("Caught DatasetError in DataLoader worker process 0.
+    Original Traceback ...": the original message is the traceback's last line)."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dissect` and `python -m dissect`; returns the exit status."""
     parser = build_parser()
@@ -377,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except DissectError as error:
-        print(f"dissect: error: {error}", file=sys.stderr)
+        print(f"dissect: error: {user_message(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("dissect: interrupted", file=sys.stderr)

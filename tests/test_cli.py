@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from dissect.cli import main
-from dissect.errors import OptionError
+from dissect.cli import main, user_message
+from dissect.errors import DatasetError, OptionError
 from dissect.run import RunConfig, read_config, read_run, stage_timer, write_run_json
 
 
@@ -78,3 +79,21 @@ def test_layers_lists_names_types_and_output_shapes(capsys):
     assert lines["fc"][1:] == ["Linear", "5"]
     assert main(["layers", "no_such_model"]) == 2
     assert "no_such_model" in capsys.readouterr().err
+
+
+class _Refusing(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        raise DatasetError("images/x.png (index.csv, line 3) cannot be read: broken")
+
+
+def test_an_error_in_a_decoding_worker_is_shown_without_the_workers_traceback():
+    loader = torch.utils.data.DataLoader(_Refusing(), num_workers=1)
+    with pytest.raises(DatasetError) as error:
+        next(iter(loader))
+    assert "Original Traceback" in str(error.value)          # what torch raises
+    assert user_message(error.value) == ("images/x.png (index.csv, line 3) cannot be read: "
+                                         "broken")
+    assert user_message(OptionError("--quantile: 2")) == "--quantile: 2"
