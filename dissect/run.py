@@ -110,11 +110,42 @@ class RunConfig:
         if unknown:
             raise OptionError(f"run config: unknown field(s) {', '.join(unknown)}; "
                               f"known: {', '.join(sorted(names))}")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        for name, value in data.items():
+            _check_field_type(name, types[name], value)
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         try:
             return cls(**values)
         except (TypeError, ValueError) as error:
             raise OptionError(f"run config: {error}") from None
+
+
+_SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_field_type(name: str, annotation: str, value: Any) -> None:
+    """OptionError naming the field when a JSON value does not have the field's type
+    (``annotation`` is the RunConfig annotation text, e.g. ``'tuple[int, ...] | None'``)."""
+    options = [part.strip() for part in annotation.split("|")]
+    if value is None and "None" in options:
+        return
+    kind = options[0]
+
+    def fits(item: Any, scalar: str) -> bool:
+        return isinstance(item, _SCALARS[scalar]) and (scalar == "bool"
+                                                       or not isinstance(item, bool))
+
+    if kind.startswith("tuple["):
+        items = [t.strip() for t in kind[len("tuple["):-1].split(",") if t.strip() != "..."]
+        ok = isinstance(value, (list, tuple)) and all(fits(v, items[0]) for v in value)
+        expected = f"a list of {items[0]} values"
+    else:
+        ok = fits(value, kind)
+        expected = (("an " if kind == "int" else "a ") + kind
+                    + (" (true or false)" if kind == "bool" else ""))
+    if not ok:
+        raise OptionError(f"run config: field {name!r} is {value!r}; expected {expected}"
+                          + (" or null" if "None" in options else ""))
 
 
 def run_json_path(run_dir: str | os.PathLike[str]) -> Path:

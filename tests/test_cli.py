@@ -50,6 +50,15 @@ def test_run_config_validates_options(tmp_path):
         RunConfig(**{**base, "layers": ()})
     with pytest.raises(OptionError, match="unknown field"):
         RunConfig.from_json({**base, "colour": 1})
+    # a JSON value of the wrong type names its field (it used to fail deep inside, or, for
+    # "logits": "no", to be taken as true)
+    for field, value, expected in [("quantile", "abc", "a float"),
+                                   ("logits", "no", "a bool"),
+                                   ("batch_size", True, "an int"),
+                                   ("n", [0.5], "a list of int values or null")]:
+        with pytest.raises(OptionError, match=f"field '{field}' is .*; expected {expected}"):
+            RunConfig.from_json({**base, field: value})
+    assert RunConfig.from_json({**base, "resize": [224, 224], "n": None}).resize == (224, 224)
 
 
 def test_run_json_round_trip_keeps_stages(tmp_path):
