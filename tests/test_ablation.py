@@ -110,6 +110,35 @@ def test_hooks_are_removed_after_success_and_after_an_exception() -> None:
     assert torch.equal(model(x), torch.tensor([[23.0, 2.0]]))
 
 
+class _SharedReLU(nn.Module):
+    """A torchvision-BasicBlock-like module: one ReLU module called twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv(x))
+        y = self.relu(y + x)                         # the recorder keeps this (last) call
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_module_that_runs_twice_per_forward_is_refused() -> None:
+    # A hook would ablate both calls, but the recorded (dissected) maps are the last call's.
+    model, x = _SharedReLU().eval(), torch.randn(3, 2, 4, 4)
+    for context in (lambda: ablate_units(model, "relu", [0]),
+                    lambda: ablate_unit_sets(model, "relu", np.ones((1, 2), bool))):
+        with pytest.raises(LayerError, match="'relu' runs more than once in one forward"):
+            with context():
+                model(x)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    with ablate_units(model, "conv", [0]):           # runs once: fine, forward after forward
+        model(x)
+        model(x)
+
+
 def test_bad_units_layers_and_rules_are_named() -> None:
     model = hand_model()
     with pytest.raises(OptionError, match="unit index -1"):
@@ -385,6 +414,8 @@ def test_topn_and_keep_sets() -> None:
         study.topn(sizes=[1], ranking=ranking, classes=["dwon"])
     with pytest.raises(OptionError, match="set size 4"):
         study.topn(sizes=[4], ranking=ranking)
+    with pytest.raises(OptionError, match="set size 2 is given twice"):   # rows of one name
+        study.random(sizes=[2, 1, 2], repeats=1)
 
 
 def test_random_sets_are_deterministic_with_a_seed() -> None:

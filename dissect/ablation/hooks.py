@@ -216,6 +216,43 @@ def forward_hook(module: nn.Module, hook: Any) -> Iterator[None]:
 
 
 @contextmanager
+def once_per_forward(model: nn.Module, layer: str) -> Iterator[Callable[[], None]]:
+    """Yield a function for a hook of ``layer`` to call on each call of the layer: it raises
+    LayerError when the layer runs a second time within one forward pass of ``model``.
+
+    The recorder keeps a reused module's last output (trace.py), but a forward hook would change
+    every call of it (the first ReLU of a torchvision BasicBlock as well as the block output), so
+    an ablation of such a layer would not be the ablation of the recorded units. Calls outside a
+    ``model(...)`` call (``model.forward`` called directly) are not counted.
+    """
+    state = {"active": False, "calls": 0}
+
+    def start(_module: nn.Module, _inputs: Any) -> None:
+        state["active"], state["calls"] = True, 0
+
+    def end(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+        state["active"] = False
+
+    def note_call() -> None:
+        if not state["active"]:
+            return
+        state["calls"] += 1
+        if state["calls"] > 1:
+            raise LayerError(
+                f"layer {layer!r} runs more than once in one forward pass (a module used twice, "
+                f"like the shared ReLU of a torchvision BasicBlock); its recorded maps are those "
+                f"of its last call, which a forward hook cannot ablate alone: ablate a module "
+                f"that runs once, such as the enclosing block")
+
+    handles = [model.register_forward_pre_hook(start), model.register_forward_hook(end)]
+    try:
+        yield note_call
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def ablate_units(model: nn.Module, layer: str, units: Sequence[int] | np.ndarray,
                  rule: str = "zero", means: np.ndarray | None = None) -> Iterator[None]:
     """Ablate ``units`` of ``layer`` during the ``with`` block.
@@ -243,6 +280,7 @@ def ablate_units(model: nn.Module, layer: str, units: Sequence[int] | np.ndarray
     unit_array = check_units(units)
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+        note_call()
         tensor = _output_tensor(output, layer)
         n_units = tensor.shape[1]
         check_units(unit_array, n_units)
@@ -254,7 +292,7 @@ def ablate_units(model: nn.Module, layer: str, units: Sequence[int] | np.ndarray
                                              dtype=tensor.dtype).reshape(shape)
         return out
 
-    with forward_hook(module, hook):
+    with once_per_forward(model, layer) as note_call, forward_hook(module, hook):
         yield
 
 
@@ -288,9 +326,10 @@ def ablate_with_fill(model: nn.Module, layer: str, masks: np.ndarray,
     fill_tensor = torch.as_tensor(np.asarray(fill, dtype=np.float32))
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+        note_call()
         return mask_replicated(_output_tensor(output, layer), mask_tensor, fill_tensor)
 
-    with forward_hook(module, hook):
+    with once_per_forward(model, layer) as note_call, forward_hook(module, hook):
         yield
 
 

@@ -61,13 +61,17 @@ def default_sizes(n_units: int) -> list[int]:
 
 
 def check_sizes(sizes: Sequence[int], n_units: int) -> list[int]:
-    """Validate set sizes: integers in [1, U]; OptionError naming the bad value."""
-    out = []
+    """Validate set sizes: integers in [1, U], each once (a repeated size would give rows of
+    the same set name); OptionError naming the bad value."""
+    out: list[int] = []
     for size in sizes:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) \
                 or not 1 <= int(size) <= n_units:
             raise OptionError(f"option n: set size {size!r} is invalid; expected integers in "
                               f"[1, {n_units}] (the layer has {n_units} units)")
+        if int(size) in out:
+            raise OptionError(f"option n: set size {int(size)} is given twice; give each size "
+                              f"once")
         out.append(int(size))
     return out
 
