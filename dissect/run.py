@@ -346,12 +346,12 @@ def _remember_caches(run_dir: Path, paths: dict[str, Path]) -> None:
     _save_run(run_json_path(run_dir), data)
 
 
-def _check_cache(run_dir: Path, config: RunConfig, layer: str, fingerprint: dict[str, Any],
-                 cache: Path) -> None:
-    """CacheError unless ``cache`` is the one recorded for ``layer`` in this run."""
+def _check_cache(config: RunConfig, layer: str, fingerprint: dict[str, Any],
+                 expected: dict[str, Any] | None, cache: Path) -> None:
+    """CacheError unless ``cache`` (its ``fingerprint``) is the one recorded for ``layer`` in
+    this run (``expected``: run.json's ``caches[layer]``, None for runs of earlier versions)."""
     from dissect.record.cache import LAYOUT_FIELDS, changed_fields
 
-    expected = read_run(run_dir).get("caches", {}).get(layer)
     if expected is None:          # runs of earlier versions: what the config says
         expected = {"layer": layer, "model": config.model}
         fingerprint = {k: fingerprint.get(k) for k in expected}
@@ -387,19 +387,26 @@ RECORDING_FIELDS = ("model", "weights", "num_classes", "dataset", "mean", "std",
                     "dtype", "autocast")
 
 
+def _earlier_layers(config: RunConfig) -> tuple[dict[str, Any], list[str]]:
+    """(run.json's config, or {}; the layers recorded into ``config.out`` before, with a cache,
+    that this recording leaves as they are)."""
+    if not run_json_path(config.run_dir).is_file():
+        return {}, []
+    from dissect.record import cache_path
+
+    previous = read_run(config.run_dir).get("config") or {}
+    return previous, [layer for layer in previous.get("layers", [])
+                      if layer not in config.layers
+                      and cache_path(config.run_dir, layer).is_file()]
+
+
 def _check_same_recording(config: RunConfig) -> None:
     """OptionError when the run directory holds other layers recorded with other settings.
 
     run.json has one model, dataset and preprocessing for the whole run (later commands read
     them), so a layer added to a run must be recorded like the layers already there.
     """
-    if not run_json_path(config.run_dir).is_file():
-        return
-    from dissect.record import cache_path
-
-    previous = read_run(config.run_dir).get("config") or {}
-    others = [layer for layer in previous.get("layers", [])
-              if layer not in config.layers and cache_path(config.run_dir, layer).is_file()]
+    previous, others = _earlier_layers(config)
     mine = {k: v for k, v in config.to_json().items() if k in RECORDING_FIELDS}
     changed = [k for k in RECORDING_FIELDS if k in previous and previous[k] != mine[k]]
     if others and changed:
@@ -411,18 +418,9 @@ def _check_same_recording(config: RunConfig) -> None:
 
 
 def _merge_layers(config: RunConfig) -> RunConfig:
-    """Keep layers recorded earlier into the same run directory (same model and dataset)."""
-    path = run_json_path(config.run_dir)
-    if not path.is_file():
-        return config
-    previous = read_run(config.run_dir).get("config", {})
-    same = all(previous.get(k) == getattr(config, k) for k in ("model", "weights", "dataset"))
-    if not same:
-        return config
-    from dissect.record import cache_path
-
-    earlier = [layer for layer in previous.get("layers", [])
-               if layer not in config.layers and cache_path(config.run_dir, layer).is_file()]
+    """Keep layers recorded earlier into the same run directory (:func:`_check_same_recording`
+    made sure they were recorded with the same settings)."""
+    _, earlier = _earlier_layers(config)
     return dataclasses.replace(config, layers=tuple(earlier) + config.layers)
 
 
@@ -446,7 +444,8 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
     dataset = open_dataset(config)
     recorded_dataset = dataset.fingerprint(selection=False)
     results = {}
-    stages = read_run(config.run_dir).get("stages", {})
+    run = read_run(config.run_dir)
+    stages, recorded = run.get("stages", {}), run.get("caches", {})
     layers = list(layers or config.layers)
     if config.thresholds and len(layers) != 1:
         raise OptionError(f"--thresholds: {config.thresholds} holds one layer's thresholds; "
@@ -462,7 +461,7 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
             raise CacheError(
                 f"{cache} was recorded on another dataset than {config.dataset} (its index or "
                 f"label files differ); tally the dataset it was recorded on, or record again")
-        _check_cache(config.run_dir, config, layer, dict(info.fingerprint or {}), cache)
+        _check_cache(config, layer, dict(info.fingerprint or {}), recorded.get(layer), cache)
         options = {**_tally_options(config), "cache": _fingerprint_text(info),
                    "thresholds_sha256": _file_sha256(config.thresholds)}
         name = f"tally:{layer}"
