@@ -317,8 +317,6 @@ def cmd_tally(args: argparse.Namespace) -> int:
 
     config = _updated_run_config(args.run, args, ("dataset", "quantile", "thresholds", "union",
                                                   "categories", "iou_threshold", "scheduler"))
-    if args.thresholds is None:      # run.json of older versions may still name a file
-        config = dataclasses.replace(config, thresholds=None)
     results = tally_stage(config, args.layers, force=args.force, save_config=True)
     from dissect.tally import format_detectors
 

@@ -173,13 +173,15 @@ def read_config(run_dir: str | os.PathLike[str]) -> RunConfig:
     """The :class:`RunConfig` saved in ``run_dir/run.json``.
 
     ``out`` is ``run_dir`` itself (resolved), not the path saved at record time, so a run
-    directory that was moved or copied is read and written where it is now.
+    directory that was moved or copied is read and written where it is now. ``thresholds`` is
+    None: a thresholds file is given per command (see :func:`write_run_json`).
     """
     data = read_run(run_dir)
     if not isinstance(data.get("config"), dict):
         raise CacheError(f"{run_json_path(run_dir)} has no 'config' object; it was not written "
                          f"by dissect (create the run with `dissect record` or `dissect run`)")
-    config = {**data["config"], "out": str(Path(run_dir).resolve())}
+    # thresholds are never kept (write_run_json); run.json of earlier versions may name a file
+    config = {**data["config"], "out": str(Path(run_dir).resolve()), "thresholds": None}
     return RunConfig.from_json(config)
 
 

@@ -29,6 +29,9 @@ DIGITS = re.compile(r"[0-9]+")
 #: Largest label number accepted (PNG labels encode at most R + 256 * G = 65535; image-level
 #: numbers are allowed more room). Larger numbers are refused rather than allocated for.
 MAX_LABEL = 2**20
+#: What decoding an unreadable image or PNG raises (Pillow's decompression-bomb refusal is not
+#: an OSError).
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -606,7 +609,7 @@ class BrodenDataset:
         try:
             with Image.open(path) as image:
                 pixels = np.array(image.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
+        except UNREADABLE as error:
             raise DatasetError(f"{path} ({self._where(index)}) cannot be read: {error}") from None
         if pixels.shape[:2] != entry.image_size:
             raise DatasetError(
@@ -640,7 +643,7 @@ class BrodenDataset:
         path = self.root / "images" / name
         try:
             layer = decode_segmentation(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
+        except UNREADABLE as error:
             raise DatasetError(f"{path} ({self._where(index)}) cannot be read: {error}") from None
         if layer.shape != entry.seg_size:
             raise DatasetError(
