@@ -26,6 +26,7 @@ setup(
         "pillow>=9.4",
         "jinja2>=3.1",
         "tqdm>=4.64",
+        "captum>=0.7",
     ],
     extras_require={"test": ["pytest>=7.0"]},
     entry_points={"console_scripts": ["dissect=dissect.cli:main"]},
