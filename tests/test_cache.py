@@ -225,3 +225,30 @@ def test_write_rows_equals_slice_assignment(tmp_path: Path, chunks: tuple[int, .
     with h5py.File(tmp_path / "a.h5", "r") as file:  # what reached the file, read back
         np.testing.assert_array_equal(file["acts"][:], data)
         assert file["acts"].compression == compression
+
+
+# --------------------------------------------------------------------------- ablation.csv
+def test_ablation_csv_rows_only_for_classes_with_images(tmp_path: Path) -> None:
+    from dissect.ablation.metrics import ClassCounts
+    from dissect.ablation.result import AblationResult, load_ablation
+
+    # 2 sets (baseline, unit 1) x 3 classes; class 'b' has no evaluated image
+    counts = ClassCounts(true_positive=np.array([[2, 0, 1], [1, 0, 1]]),
+                         predicted=np.array([[2, 1, 1], [2, 1, 1]]),
+                         prob_sum=np.array([[1.5, 0.0, 0.5], [1.0, 0.0, 0.5]]),
+                         n_true=np.array([2, 0, 2]), n_total=4)
+    result = AblationResult("layer", "single", ("a", "b", "c"), ("single", "single"),
+                            ("baseline", "unit1"), (np.array([], np.int64), np.array([1])),
+                            counts)
+    assert [(r["set"], r["class"], r["n"]) for r in result.table()] == \
+        [("baseline", "a", 2), ("baseline", "c", 2), ("unit1", "a", 2), ("unit1", "c", 2)]
+    assert [r["recall"] for r in result.table()] == [1.0, 0.5, 0.5, 0.5]
+    assert [r["class"] for r in result.table(empty_classes=True)] == ["a", "b", "c"] * 2
+    _, csv_path = result.save(tmp_path)
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 1 + 4 and not any(",b," in line for line in lines)
+    # the h5 keeps every class
+    loaded = load_ablation(tmp_path)["single"]
+    assert loaded.class_names == ("a", "b", "c")
+    assert np.array_equal(loaded.counts.n_true, [2, 0, 2])
+    assert np.array_equal(loaded.counts.predicted, counts.predicted)

@@ -428,3 +428,34 @@ def test_index_without_images_is_a_problem(broden_tiny):
     assert [str(p) for p in check_dataset(broden_tiny.root)] == ["index.csv: lists no images"]
     with pytest.raises(DatasetError, match="index.csv: lists no images"):
         BrodenDataset(broden_tiny.root)
+
+
+def test_label_listed_under_a_category_whose_file_lacks_it(broden_tiny):
+    # label.csv says red is color(1), but c_color.csv has no row for it: NetDissect-Lite's loader
+    # takes primary categories from the c_*.csv files only, so red would never be scored
+    rows = (broden_tiny.root / "c_color.csv").read_text().splitlines()
+    (broden_tiny.root / "c_color.csv").write_text("\n".join([rows[0], rows[2]]) + "\n")
+    problems = check_dataset(broden_tiny.root)
+    assert [(p.file, p.line) for p in problems] == [("label.csv", 3)]
+    message = str(problems[0])
+    assert message.startswith("label.csv, line 3: label 1 'red' is listed under category 'color'")
+    assert "c_color.csv has no row with number 1" in message
+    with pytest.raises(DatasetError, match=r"label.csv, line 3: label 1 'red'.*c_color.csv"):
+        BrodenDataset(broden_tiny.root)
+    # a label in two categories missing from one of its files is refused too
+    rows = (broden_tiny.root / "c_part.csv").read_text().splitlines()
+    (broden_tiny.root / "c_part.csv").write_text("\n".join(rows[:3]) + "\n")
+    assert [(p.line, "c_part.csv" in p.message, "'wheel'" in p.message)
+            for p in check_dataset(broden_tiny.root)] == [(3, False, False), (10, True, True)]
+
+
+def test_consistent_label_and_category_files_load(broden_tiny):
+    # every category named in label.csv has its c_*.csv row: no problem, primaries from coverage
+    assert check_dataset(broden_tiny.root) == []
+    vocab = BrodenDataset(broden_tiny.root).vocab
+    assert vocab.category_of(1) == "color" and vocab.category_of(300) == "object"
+    # a c_*.csv row that label.csv's field does not name is what NetDissect-Lite reads: kept
+    (broden_tiny.root / "c_scene.csv").write_text(
+        "code,number,name,frequency,coverage\n1,6,kitchen,2,1.0\n2,7,street,1,1.0\n3,2,green,1,0.9\n")
+    assert check_dataset(broden_tiny.root) == []
+    assert BrodenDataset(broden_tiny.root).vocab.category_of(2) == "scene"

@@ -9,7 +9,8 @@ Files of a layer directory ``run_dir/<layer>/``:
   ``prob_sum`` (S, C), each metric (S, C) float64, and when present ``ranking``/``damage`` (C, U)
   and the random-set summary ``random_sizes`` (K,) and ``random_<metric>_<mean|std|min|max>``
   (K, C). Attribute ``n_total`` and the options of the run.
-- ``ablation.csv``: long format, one row per (unit set, class) of every group, baseline included:
+- ``ablation.csv``: long format, one row per (unit set, class) of every group, baseline included,
+  for the classes with evaluated images (``n > 0``; the h5 keeps every class):
   ``study,set,units,class,n,accuracy,balanced_accuracy,precision,recall,true_class_prob``.
 - ``importance.csv``: ``unit,n_classes,classes,label,category,iou`` (see :func:`importance_table`).
 """
@@ -123,14 +124,22 @@ class AblationResult:
         return np.array([i for i, s in enumerate(self.set_studies)
                          if s == study and self.set_names[i] != BASELINE], dtype=np.int64)
 
-    def table(self) -> list[dict[str, Any]]:
-        """The ``ablation.csv`` rows: one dict per (set, class), columns :data:`CSV_COLUMNS`."""
+    def table(self, empty_classes: bool = False) -> list[dict[str, Any]]:
+        """The ``ablation.csv`` rows: one dict per (set, class), columns :data:`CSV_COLUMNS`.
+
+        Only classes with evaluated images (``n > 0``) get rows unless ``empty_classes``: a
+        1000-class model with ``--classes predicted`` otherwise writes hundreds of thousands of
+        rows of undefined metrics. ``ablation.h5`` keeps the full (S, C) arrays.
+        """
         metrics = self.metrics
+        kept = [c for c in range(len(self.class_names))
+                if empty_classes or int(metrics["n"][c]) > 0]
         rows = []
         for s, (study, name, units) in enumerate(zip(self.set_studies, self.set_names,
                                                      self.set_units)):
             unit_text = ";".join(str(int(u)) for u in units)
-            for c, class_name in enumerate(self.class_names):
+            for c in kept:
+                class_name = self.class_names[c]
                 row: dict[str, Any] = {"study": study, "set": name, "units": unit_text,
                                        "class": class_name, "n": int(metrics["n"][c])}
                 for metric in METRIC_NAMES:

@@ -175,13 +175,47 @@ def _parse_categories(root: Path, problems: list[Problem]) -> tuple[str, ...]:
     return tuple(names)
 
 
+@dataclass(frozen=True)
+class LabelRow:
+    """The category field of one label.csv row: its line, label name and categories named."""
+
+    line: int
+    name: str
+    categories: tuple[str, ...]
+
+
+def category_mismatches(field_categories: dict[int, LabelRow],
+                        coverage: dict[str, dict[int, float]]) -> list[Problem]:
+    """label.csv rows that list a category whose ``c_<category>.csv`` has no row for the label.
+
+    ``coverage`` holds the categories whose c_*.csv could be read (a missing file is its own
+    problem).
+
+    Primary categories come from the c_*.csv files (as in NetDissect-Lite, whose loader reads
+    only them); such a label would silently get no primary category (or another one) and never be
+    scored there. Broden's label.csv category field and its c_*.csv files are written together
+    from the same counts, so real Broden has no such rows: they are refused, not guessed at.
+    """
+    problems = []
+    for number, row in sorted(field_categories.items()):
+        for category in row.categories:
+            if category in coverage and number not in coverage[category]:
+                problems.append(Problem(
+                    "label.csv", row.line,
+                    f"label {number} {row.name!r} is listed under category {category!r}, but "
+                    f"c_{category}.csv has no row with number {number}; add that row to "
+                    f"c_{category}.csv (code,number,name,frequency,coverage) or remove "
+                    f"{category!r} from the label's category field"))
+    return problems
+
+
 def _parse_labels(
     root: Path, all_categories: tuple[str, ...], problems: list[Problem]
-) -> tuple[dict[int, str], dict[int, tuple[str, ...]]]:
+) -> tuple[dict[int, str], dict[int, LabelRow]]:
     """label.csv: names by number and the categories named in each row's category field."""
     table = _read_csv(root / "label.csv", root, ["number", "name", "category"], problems)
     names: dict[int, str] = {}
-    field_categories: dict[int, tuple[str, ...]] = {}
+    field_categories: dict[int, LabelRow] = {}
     if table is None:
         return names, field_categories
     for line, row in table[1]:
@@ -212,7 +246,7 @@ def _parse_labels(
                     f"category {match.group(1)!r} is not in category.csv"))
                 continue
             cats.append(match.group(1))
-        field_categories[number] = tuple(cats)
+        field_categories[number] = LabelRow(line, row["name"], tuple(cats))
     return names, field_categories
 
 
@@ -224,9 +258,9 @@ def _parse_coverage(
     for category in categories:
         file = f"c_{category}.csv"
         table = _read_csv(root / file, root, ["code", "number", "coverage"], problems)
-        coverage[category] = {}
-        if table is None:
+        if table is None:                    # reported as missing/unreadable already
             continue
+        coverage[category] = {}
         for line, row in table[1]:
             number = _parse_int(row["number"], file, line, "number", problems)
             value = _parse_float(row["coverage"], file, line, "coverage", problems)
@@ -384,6 +418,7 @@ def parse_dataset(
         selected = tuple(c for c in all_categories if c in wanted)
     names, field_categories = _parse_labels(root, all_categories, problems)
     coverage = _parse_coverage(root, all_categories, names, problems)
+    problems.extend(category_mismatches(field_categories, coverage))
     num_labels = max(names, default=0) + 1
     known = np.zeros(num_labels, dtype=bool)
     label_names = [""] * num_labels      # NetDissect-Lite: numbers without a row get name ""
