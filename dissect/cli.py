@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import dissect
 from dissect.errors import DissectError, OptionError
 
 EXIT_USAGE = 2
@@ -20,233 +21,109 @@ EXIT_INTERNAL = 1
 
 
 
-def float_triple(text: str) -> tuple[float, float, float]:
-    """Parse ``r,g,b`` (three numbers) for --mean / --std."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three numbers r,g,b, got {text!r}") from None
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three numbers r,g,b, got {text!r}")
-    return values  # type: ignore[return-value]
+def _run_option(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The run directory, spelled ``--run RUN_DIR`` by every command (``--out`` also works
+    where DESIGN.md §9 spells it so)."""
+    parser.add_argument("--run", "--out", dest="out", required=required, metavar="RUN_DIR",
+                        help="run directory")
 
 
-def int_list(text: str) -> list[int]:
-    """Parse ``1,2,4`` for --n."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4, got {text!r}")
-    return values
-
-
-def size_pair(text: str) -> tuple[int, int]:
-    """Parse ``S`` or ``H,W`` for --resize / --input-size."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected S or H,W, got {text!r}") from None
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected S or H,W with positive sizes, got {text!r}")
-    return values[0], values[1]
-
-
-def _model_options(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--model", required=required,
-                        help="torchvision architecture name, package.module:callable, "
-                             "or a TorchScript file")
-    parser.add_argument("--weights", help="state_dict checkpoint (loaded with weights_only)")
-    parser.add_argument("--num-classes", type=int, help="output classes of a torchvision model")
-
-
-# Option defaults are None so that only the options given on the command line override a
-# --config file; RunConfig holds the defaults (given in the help texts).
-def _record_options(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--layers", nargs="+", required=required,
-                        help="dotted module names, wildcards allowed (see `dissect layers`)")
-    parser.add_argument("--dataset", required=required, help="Broden-format dataset directory")
-    parser.add_argument("--out", required=required, help="run directory")
-    parser.add_argument("--mean", type=float_triple, help="r,g,b on the 0..1 scale "
-                        "(default ImageNet's)")
-    parser.add_argument("--std", type=float_triple, help="r,g,b (default ImageNet's)")
-    parser.add_argument("--resize", type=size_pair, help="resize images to S or H,W")
-    parser.add_argument("--batch-size", type=int, help="images per batch (default 32)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=("float16", "float32"),
-                        help="cache dtype (default float16)")
-    parser.add_argument("--logits", action="store_true", help="also store model outputs")
-    parser.add_argument("--autocast", choices=("bfloat16", "float16"),
-                        help="run the forward under torch.autocast in this dtype")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="run the model in the channels_last memory format")
-    parser.add_argument("--force", action="store_true",
-                        help="rebuild caches made with another configuration")
-
-
-def _tally_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quantile", type=float,
-                        help="top quantile of activations that defines a unit's mask "
-                             "(default 0.005)")
-    parser.add_argument("--thresholds", help=".npy file of shape (U,) with one layer's "
-                        "thresholds, for this command only (name the layer with --layers)")
-    parser.add_argument("--union", choices=("touched", "annotated", "all"),
-                        help="union rule of the IoU (default touched)")
-    parser.add_argument("--categories", nargs="+", help="categories to use (default all)")
-    parser.add_argument("--iou-threshold", type=float,
-                        help="IoU at which a unit counts as a detector (default 0.04)")
-    parser.add_argument("--scheduler",
-                        help="threads (default), processes, synchronous, or tcp://host:port")
-
-
-def _ablation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--classes", help="image-level category (e.g. scene), a CSV of "
-                        "image,class, or 'predicted'")
-    parser.add_argument("--n", type=int_list, help="unit-set sizes, e.g. 1,2,4,8")
-    parser.add_argument("--concept", help="concept name for --study concept")
-    parser.add_argument("--class-names", help="file with one class name per model output "
-                        "(when --classes gives output indices)")
-    parser.add_argument("--repeats", type=int, help="random sets per size (default 5)")
-    parser.add_argument("--rank-split", help="split that ranks units (default train)")
-    parser.add_argument("--eval-split", help="split that measures effects (default val)")
-    parser.add_argument("--rule", choices=("zero", "mean"), help="ablation rule (default zero)")
-    parser.add_argument("--seed", type=int, help="seed of the random unit sets (default 0)")
+def _quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (they are also off when stderr is not a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+    """The argument parser of every subcommand; run options come from dissect.config."""
+    from dissect.config import add_options, size_pair
+
     parser = argparse.ArgumentParser(
         prog="dissect", description="What the units of a vision model detect, and what they do.")
+    parser.add_argument("--version", action="version", version=f"dissect {dissect.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     dataset = sub.add_parser("dataset", help="make or check a Broden-format dataset")
     dsub = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     toy = dsub.add_parser("toy", help="generate the toy dataset")
-    toy.add_argument("--out", required=True)
-    toy.add_argument("--n-images", type=int, default=600)
-    toy.add_argument("--size", type=int, default=112)
-    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--out", required=True, help="dataset directory to write")
+    toy.add_argument("--n-images", type=int, default=600, help="images (default 600)")
+    toy.add_argument("--size", type=int, default=112, help="image size (default 112)")
+    toy.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     toy.add_argument("--train-model", action="store_true",
                      help="also train the toy model (state_dict saved beside the dataset)")
     check = dsub.add_parser("check", help="list every problem of a dataset")
-    check.add_argument("path")
+    check.add_argument("path", help="dataset directory")
 
     layers = sub.add_parser("layers", help="list a model's layers with output shapes")
-    layers.add_argument("model")
-    layers.add_argument("--weights")
-    layers.add_argument("--num-classes", type=int)
-    layers.add_argument("--input-size", type=size_pair, default=(224, 224))
+    layers.add_argument("model", help="torchvision architecture name, package.module:callable, "
+                                      "or a TorchScript file")
+    layers.add_argument("--weights", help="state_dict checkpoint (loaded with weights_only)")
+    layers.add_argument("--num-classes", type=int, help="output classes of a torchvision model")
+    layers.add_argument("--input-size", type=size_pair, default=(224, 224),
+                        help="S or H,W (default 224)")
 
     record = sub.add_parser("record", help="record layer activations into the cache")
-    _model_options(record, required=True)
-    _record_options(record, required=True)
+    add_options(record, ("model", "record"), required=("model", "layers", "dataset"))
+    _run_option(record)
+    record.add_argument("--force", action="store_true",
+                        help="record again, replacing caches made with another configuration "
+                             "and every result computed from them")
+    _quiet_option(record)
 
     tally = sub.add_parser("tally", help="thresholds and unit/concept IoU of recorded layers")
-    tally.add_argument("--run", required=True, help="run directory")
+    _run_option(tally)
     tally.add_argument("--dataset", help="dataset (default: the run's)")
-    tally.add_argument("--layers", nargs="+", help="layers (default: all recorded)")
+    tally.add_argument("--layers", nargs="+", help="layers (default: every recorded layer)")
     tally.add_argument("--force", action="store_true", help="recompute even when up to date")
-    _tally_options(tally)
+    add_options(tally, ("tally",))
 
     ablate = sub.add_parser("ablate", help="per-class effects of removing units")
-    ablate.add_argument("--run", required=True)
+    _run_option(ablate)
     ablate.add_argument("--dataset", help="dataset (default: the run's)")
-    ablate.add_argument("--layer", required=True)
-    ablate.add_argument("--study", required=True, choices=("single", "topn", "concept", "random"))
-    ablate.add_argument("--scheduler", help="default: the run's")
-    _ablation_options(ablate)
+    ablate.add_argument("--layers", "--layer", dest="ablation_layers", nargs="+",
+                        help="layers to ablate (default: the run's ablation layers, else every "
+                             "recorded layer)")
+    add_options(ablate, ("ablate",), skip=("ablation_layers",))
+    ablate.add_argument("--scheduler", help="Dask scheduler (default: the run's)")
 
     report = sub.add_parser("report", help="render the HTML report of a run")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory")
+    _run_option(report, required=False)
 
     run = sub.add_parser("run", help="record, tally, optional ablate, and report in one go")
-    _model_options(run, required=False)
-    _record_options(run, required=False)
-    _tally_options(run)
-    _ablation_options(run)
-    run.add_argument("--ablate", action="store_true", help="also run ablation studies")
-    run.add_argument("--study", nargs="+", choices=("single", "topn", "concept", "random"),
-                     help="ablation studies (default single topn random)")
-    run.add_argument("--ablation-layers", nargs="+",
-                     help="layers to ablate (default: every recorded layer)")
-    run.add_argument("--config", help="JSON file of RunConfig fields (command line wins)")
+    add_options(run, ("model", "record", "tally", "ablate", "run"), skip=("out",))
+    _run_option(run, required=False)
+    run.add_argument("--config", help="JSON file of run options (the command line wins)")
+    run.add_argument("--force", action="store_true",
+                     help="record and compute everything again")
+    _quiet_option(run)
 
     demo = sub.add_parser("demo", help="the whole job on the toy dataset and toy model")
-    demo.add_argument("--out", default="reports/demo")
+    demo.add_argument("--out", default="reports/demo", help="run directory (default "
+                                                            "reports/demo)")
     demo.add_argument("--datasets", default="datasets",
-                      help="where the toy dataset and model are made (when missing)")
+                      help="where the toy dataset and model are made when missing (default "
+                           "datasets)")
+    _quiet_option(demo)
     return parser
 
 
-def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    """The options among ``names`` that were given on the command line (not None)."""
-    values = {}
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None:
-            values[name] = tuple(value) if isinstance(value, list) else value
-    return values
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
-def _config_from_args(args: argparse.Namespace) -> Any:
-    from dissect.run import RunConfig
-
-    fields: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        try:
-            loaded = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise OptionError(f"--config: cannot read {args.config}: {error}") from None
-        if not isinstance(loaded, dict):
-            raise OptionError(f"--config: {args.config} must hold a JSON object of run options")
-        fields.update(loaded)
-    fields.update(_given(args, ("model", "weights", "num_classes", "layers", "dataset", "mean",
-                                "std", "resize", "device", "dtype", "batch_size", "quantile",
-                                "thresholds", "union", "categories", "iou_threshold",
-                                "scheduler", "classes", "rule", "repeats", "rank_split",
-                                "eval_split", "n", "concept", "seed")))
-    if getattr(args, "study", None):
-        fields["ablation_studies"] = tuple(args.study)
-    if getattr(args, "ablation_layers", None):
-        fields["ablation_layers"] = tuple(args.ablation_layers)
-    if getattr(args, "autocast", None):
-        fields["autocast"] = args.autocast
-    for flag in ("logits", "ablate", "channels_last"):
-        if getattr(args, flag, False):
-            fields[flag] = True
-    if args.out:
-        fields["out"] = args.out
-    if str(fields.get("thresholds", "")).lower() == "none":
-        fields["thresholds"] = None
-    for key in ("dataset", "weights", "thresholds", "out"):
-        if fields.get(key):
-            fields[key] = str(Path(fields[key]).resolve())
-    missing = [k for k in ("model", "layers", "dataset", "out") if not fields.get(k)]
-    if missing:
-        raise OptionError(f"missing option(s): {', '.join('--' + m for m in missing)}")
-    return RunConfig.from_json({k: list(v) if isinstance(v, tuple) else v
-                                for k, v in fields.items()})
-
-
-def _updated_run_config(run_dir: str, args: argparse.Namespace, names: Sequence[str]) -> Any:
-    """The run's saved config with the options given on the command line applied.
+def _run_config(run_dir: str, args: argparse.Namespace, stages: Sequence[str]) -> Any:
+    """The run's saved config with the options of ``stages`` given on the command line applied.
 
     Nothing is saved here: the caller saves the config once its stage has succeeded, so a bad
     option never sticks in run.json.
     """
-    from dissect.run import read_config
+    from dissect.config import config_from_options, given_options, options_of
+    from dissect.rundir import RunDir
 
-    config = read_config(run_dir)
-    changes = _given(args, names)
-    if str(changes.get("thresholds", "")).lower() == "none":
-        changes["thresholds"] = None
-    for key in ("dataset", "thresholds"):
-        if changes.get(key):
-            changes[key] = str(Path(changes[key]).resolve())
-    return dataclasses.replace(config, **changes) if changes else config
+    config = RunDir(run_dir).config()
+    return config_from_options(given_options(args, options_of(stages) + ["dataset"]),
+                               base=config)
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
@@ -280,85 +157,77 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
+    from dissect.config import config_from_options, given_options, options_of
+    from dissect.rundir import RunDir
     from dissect.run import record_stage
 
-    config = _config_from_args(args)
-    config = _keep_later_stage_options(config)
-    paths = record_stage(config, force=args.force)
+    run = RunDir(args.out)
+    base = None
+    if run.exists():
+        try:            # keep the run's tally and ablation options
+            base = run.config()
+        except DissectError:        # not a readable run: record_stage reports what is wrong
+            base = None
+    config = config_from_options(given_options(args, options_of(("model", "record", "run"))),
+                                 base=base)
+    paths = record_stage(config, force=args.force, progress=_progress(args))
     for layer, path in paths.items():
         print(f"{layer}: {path}")
     return 0
 
 
-#: RunConfig fields `dissect record` sets; the rest (tally and ablation options) are kept
-#: from the run's run.json when it records into an existing run.
-RECORD_FIELDS = ("model", "weights", "num_classes", "layers", "dataset", "out", "mean", "std",
-                 "resize", "batch_size", "device", "dtype", "logits", "autocast",
-                 "channels_last")
-
-
-def _keep_later_stage_options(config: Any) -> Any:
-    """``config`` with the tally and ablation options of the run already in ``config.out``."""
-    from dissect.run import read_config, run_json_path
-
-    if not run_json_path(config.run_dir).is_file():
-        return config
-    try:
-        previous = read_config(config.run_dir)
-    except DissectError:        # not a readable run: record_stage reports what is wrong
-        return config
-    kept = {f.name: getattr(previous, f.name) for f in dataclasses.fields(previous)
-            if f.name not in RECORD_FIELDS}
-    return dataclasses.replace(config, **kept)
-
-
 def cmd_tally(args: argparse.Namespace) -> int:
     from dissect.run import tally_stage
-
-    config = _updated_run_config(args.run, args, ("dataset", "quantile", "thresholds", "union",
-                                                  "categories", "iou_threshold", "scheduler"))
-    results = tally_stage(config, args.layers, force=args.force, save_config=True)
     from dissect.tally import format_detectors
 
+    config = _run_config(args.out, args, ("tally",))
+    results = tally_stage(config, args.layers, force=args.force, save_config=True)
     for layer, result in results.items():
-        print(f"{format_detectors(result)}; {Path(args.run) / layer / 'tally.csv'}")
+        print(f"{format_detectors(result)}; {Path(args.out) / layer / 'tally.csv'}")
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from dissect.ablation import run_ablation
-    from dissect.run import read_config
+    from dissect.run import ablation_stage
 
-    config = read_config(args.run)
-    options = _given(args, ("dataset", "classes", "class_names", "n", "concept", "repeats",
-                            "rank_split", "eval_split", "rule", "seed"))
-    if "n" in options:
-        options["n"] = list(options["n"])
-    options["scheduler"] = args.scheduler or config.scheduler
-    result = run_ablation(config.run_dir, args.layer, args.study, **options)
-    print(f"{args.layer}: {args.study} study written to {result.csv_path}")
+    config = _run_config(args.out, args, ("ablate",))
+    if args.scheduler:
+        config = dataclasses.replace(config, scheduler=args.scheduler)
+    if "concept" in config.ablation_studies and not config.concept:
+        raise OptionError("--study concept needs --concept NAME")
+    options = {"dataset": str(Path(args.dataset).resolve())} if args.dataset else {}
+    results = ablation_stage(config, save_config=True, **options)
+    for layer, studies in results.items():
+        for study, result in studies.items():
+            print(f"{layer}: {study} study written to {result.csv_path}")
+            if result.info.get("warning"):
+                print(f"{layer}: warning: {result.info['warning']}", file=sys.stderr)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from dissect.run import report_stage
 
-    print(f"report: {report_stage(args.run_dir)}")
+    run_dir = args.run_dir or args.out
+    if not run_dir:
+        raise OptionError("report: name the run directory (dissect report RUN_DIR)")
+    print(f"report: {report_stage(run_dir)}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from dissect.config import config_from_options, given_options
     from dissect.run import run_pipeline
 
-    config = _config_from_args(args)
-    print(f"report: {run_pipeline(config, force=args.force)}")
+    config = config_from_options(given_options(args), config_file=args.config)
+    print(f"report: {run_pipeline(config, force=args.force, progress=_progress(args))}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from dissect.demo import run_demo
 
-    index = run_demo(args.out, datasets_dir=args.datasets)
+    index = run_demo(args.out, datasets_dir=args.datasets, progress=not args.quiet)
     print(f"report: {index}")
     return 0
 

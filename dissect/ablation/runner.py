@@ -1,7 +1,7 @@
 """run_ablation: one ablation study of one layer of a run directory, in one call.
 
-The model, weights, preprocessing and dataset come from ``run_dir/run.json``
-(:func:`dissect.run.read_run`); the cached activations of the layer (``run_dir/cache/<layer>.h5``)
+The model, weights, preprocessing and dataset come from the run's :class:`~dissect.config.RunConfig`
+(``run.json``, read through :class:`~dissect.rundir.RunDir`); the cached activations of the layer (``run_dir/cache/<layer>.h5``)
 feed the suffix path and the ``mean`` rule; results go to ``run_dir/<layer>/ablation.h5`` and
 ``ablation.csv`` (and ``importance.csv`` for the single and top-N studies).
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,6 @@ import numpy as np
 from dissect.ablation.hooks import check_rule, compute_unit_means, find_module
 from dissect.ablation.labels import PREDICTED, load_class_labels, read_class_names
 from dissect.ablation.result import (
-    IMPORTANCE_CSV,
     AblationResult,
     importance_table,
     rank_units,
@@ -28,17 +29,12 @@ from dissect.ablation.result import (
 )
 from dissect.ablation.sources import DatasetImages
 from dissect.ablation.study import USE_SUFFIX, AblationStudy
+from dissect.config import STUDIES, RunConfig
 from dissect.errors import CacheError, OptionError
+from dissect.rundir import RunDir
 
-STUDIES: tuple[str, ...] = ("single", "topn", "concept", "random")
-"""Studies of :func:`run_ablation` (``dissect ablate --study``)."""
 
 ALL_SPLITS = "all"
-
-
-def layer_dir(run_dir: str | os.PathLike[str], layer: str) -> Path:
-    """``run_dir/<layer>``, where a layer's dissection and ablation outputs go."""
-    return Path(run_dir) / layer
 
 
 def parse_sizes(n: Sequence[int] | str | int | None) -> list[int] | None:
@@ -117,43 +113,84 @@ def check_cache_matches(info: Any, wanted: dict[str, Any]) -> None:
                          "use_cache=False to run the whole model")
 
 
-def _load_dissection(run_dir: Path, layer: str) -> Any:
-    directory = layer_dir(run_dir, layer)
-    if not (directory / "dissection.h5").is_file():
+def _load_dissection(run: RunDir, layer: str) -> Any:
+    if not run.dissection(layer).is_file():
         return None
     from dissect.tally import load_dissection
 
-    return load_dissection(directory)
+    return load_dissection(run.layer_dir(layer))
 
 
-def run_ablation(run_dir: str | os.PathLike[str], layer: str, study: str, *,
+class ClassOrderWarning(UserWarning):
+    """The unablated model is at or below chance on its own evaluation labels."""
+
+
+def class_order_warning(result: AblationResult, n_classes: int, source: Any) -> str | None:
+    """A warning text when the baseline's accuracy over the labeled evaluation images (the
+    share of images whose predicted class is their class) is at or below chance (1 / C):
+    the model outputs are then probably in another order than the labels. None otherwise, and
+    for ``classes='predicted'`` (correct by definition)."""
+    if str(source) == PREDICTED or n_classes < 2:
+        return None
+    n = np.asarray(result.counts.n_true, dtype=np.float64)
+    if n.sum() == 0:
+        return None
+    recall = np.nan_to_num(result.metrics["recall"][0], nan=0.0)
+    accuracy = float((recall * n).sum() / n.sum())
+    if accuracy > 1.0 / n_classes:
+        return None
+    return (f"the unablated model classifies {accuracy:.1%} of the {int(n.sum())} labeled "
+            f"evaluation images correctly, at or below chance (1/{n_classes} = "
+            f"{1.0 / n_classes:.1%}): its outputs are probably in another order than the "
+            f"class labels of {source!r}; pass --class-names FILE (one name per model output, "
+            f"in output order), or --classes predicted")
+
+
+def _write_meta(path: Path, study: str, info: dict[str, Any]) -> None:
+    """Keep one study's options and warnings in ``ablation.json`` (written whole, atomically)."""
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    data[study] = {k: (v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v))
+                   for k, v in info.items()}
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    partial.replace(path)
+
+
+def run_ablation(run: RunDir | str | os.PathLike[str], layer: str, study: str, *,
+                 config: RunConfig | None = None,
                  dataset: str | os.PathLike[str] | None = None, classes: str | None = None,
                  class_names: Sequence[str] | str | os.PathLike[str] | None = None,
                  n: Sequence[int] | str | int | None = None, concept: str | None = None,
-                 repeats: int = 5, seed: int = 0, rank_split: str | None = "train",
-                 eval_split: str | None = "val", rank_by: str = "recall", rule: str = "zero",
-                 iou_threshold: float | None = None, scheduler: str = "threads",
+                 repeats: int | None = None, seed: int | None = None,
+                 rank_split: str | None = None, eval_split: str | None = None,
+                 rank_by: str = "recall", rule: str | None = None,
+                 iou_threshold: float | None = None, scheduler: str | None = None,
                  use_cache: bool | str = "auto", batch_size: int | None = None,
                  sets_per_batch: int | None = None, device: str | None = None,
                  target_classes: Sequence[str] | None = None, top: int = 4,
                  save: bool = True) -> AblationResult:
-    """Run one ablation study on ``layer`` of the run in ``run_dir`` and save it.
+    """Run one ablation study on ``layer`` of a run and save it.
 
     Parameters
     ----------
-    run_dir : a run directory with ``run.json`` (config: model, weights, num_classes, dataset,
-        mean, std, resize, batch_size, device)
+    run : the run directory (a RunDir or a path with ``run.json``)
     layer : dotted layer name
     study : 'single' (every unit alone) | 'topn' (per class, its top-N units removed, study
         'topn', and kept alone, study 'keep'; ranked on ``rank_split``) | 'concept' (all units
         labeled ``concept`` by the dissection, IoU >= ``iou_threshold``) | 'random' (``repeats``
         random sets of each size, ``seed``)
+    config : the run's RunConfig (default: read from ``run.json``); it gives the model,
+        weights, preprocessing, dataset, and the default of every option below left None
     dataset : dataset directory (default: the run's)
     classes : class source (:func:`~dissect.ablation.labels.load_class_labels`): an image-level
         category, a CSV ``image,class`` or 'predicted'; default 'scene' when the dataset has that
         category, else 'predicted'
     class_names : model-output class names (a sequence, or a text file with one name per line)
     n : set sizes for topn/random (list, '1,2,4' or int; default 1, 2, 4, ... <= U / 2)
+    repeats, seed : random sets per size and their seed
     rank_split, eval_split : splits of the dataset ('all' or None: every image)
     rank_by : metric whose single-unit drop ranks units (default 'recall', see
         :func:`~dissect.ablation.result.rank_units`)
@@ -164,15 +201,30 @@ def run_ablation(run_dir: str | os.PathLike[str], layer: str, study: str, *,
     batch_size : images per forward (default: the run's); sets_per_batch: sets per Dask task
     target_classes : for topn, the classes to build sets for (default: every class with images)
     top : for importance.csv, a unit counts for a class when among its ``top`` most damaging
-    save : write ``<layer>/ablation.h5``, ``ablation.csv`` (and, for single and topn,
-        ``importance.csv`` from that study's single-unit ranking: on the eval split for single,
-        on the rank split for topn)
+    save : write ``<layer>/ablation.h5``, ``ablation.csv``, ``ablation.json`` (options and
+        warnings) and, for single and topn, ``importance.csv`` from that study's single-unit
+        ranking (on the eval split for single, on the rank split for topn)
 
     Returns
     -------
     AblationResult (row 0 = baseline) with ``h5_path``/``csv_path``/``importance_path`` set when
-    saved.
+    saved. When the unablated model's accuracy on the labeled evaluation images is at or below
+    chance, a warning is issued (``warnings.warn``, category :class:`ClassOrderWarning`) and kept
+    in ``info['warning']`` and ``ablation.json``: the outputs are probably in another order than
+    the labels.
     """
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    config = config if config is not None else run.config()
+    classes = classes if classes is not None else config.classes
+    class_names = class_names if class_names is not None else config.class_names
+    n = n if n is not None else (list(config.n) if config.n else None)
+    concept = concept if concept is not None else config.concept
+    repeats = repeats if repeats is not None else config.repeats
+    seed = seed if seed is not None else config.seed
+    rank_split = rank_split if rank_split is not None else config.rank_split
+    eval_split = eval_split if eval_split is not None else config.eval_split
+    rule = rule if rule is not None else config.rule
+    scheduler = scheduler if scheduler is not None else config.scheduler
     if study not in STUDIES:
         raise OptionError(f"option study: unknown study {study!r}; allowed: {', '.join(STUDIES)}")
     check_rule(rule)
@@ -181,8 +233,7 @@ def run_ablation(run_dir: str | os.PathLike[str], layer: str, study: str, *,
     if study == "concept" and not concept:
         raise OptionError("option concept: study 'concept' needs a concept name (--concept NAME)")
     sizes = parse_sizes(n)
-    run_dir = Path(run_dir)
-    base, data = _open_study(run_dir, layer, dataset=dataset, rule=rule, scheduler=scheduler,
+    base, data = _open_study(run, config, layer, dataset=dataset, rule=rule, scheduler=scheduler,
                              use_cache=use_cache, batch_size=batch_size,
                              sets_per_batch=sets_per_batch, device=device)
     source = classes if classes is not None else \
@@ -194,7 +245,9 @@ def run_ablation(run_dir: str | os.PathLike[str], layer: str, study: str, *,
     runner = base.with_labels(y, label_names)
     eval_rows = split_rows(data, eval_split)
     info: dict[str, Any] = {"classes": str(source), "eval_split": eval_split or ALL_SPLITS}
-    dissection = _load_dissection(run_dir, layer) if study != "random" else None
+    info["class_names"] = str(class_names) if isinstance(class_names, (str, os.PathLike)) \
+        else None
+    dissection = _load_dissection(run, layer) if study != "random" else None
 
     ranking = damage = None
     if study == "single":
@@ -207,56 +260,54 @@ def run_ablation(run_dir: str | os.PathLike[str], layer: str, study: str, *,
         ranking, damage = result.ranking, result.damage
     elif study == "concept":
         if dissection is None:
-            raise CacheError(f"{layer_dir(run_dir, layer) / 'dissection.h5'} does not exist; run "
-                             f"`dissect tally --run {run_dir} --layers {layer}` first")
+            raise CacheError(f"{run.dissection(layer)} does not exist; run "
+                             f"`dissect tally --run {run.path} --layers {layer}` first")
         threshold = iou_threshold if iou_threshold is not None else dissection.iou_threshold
         info["iou_threshold"] = float(threshold)
         result = runner.concept(concept_units(dissection, str(concept), threshold),
                                 str(concept), eval_rows, info=info)
     else:
         result = runner.random(sizes, repeats, seed, eval_rows, info=info)
+    warning = class_order_warning(result, len(label_names), source)
+    if warning:
+        warnings.warn(warning, ClassOrderWarning, stacklevel=2)
+        result.info["warning"] = warning
     if not save:
         return result
-    h5_path, csv_path = result.save(layer_dir(run_dir, layer))
+    h5_path, csv_path = result.save(run.layer_dir(layer))
+    _write_meta(run.ablation_meta(layer), study, result.info)
     importance_path = None
     if ranking is not None:
         rows = importance_table(ranking, result.class_names, damage=damage,
                                 dissection=dissection, top=top)
-        importance_path = write_importance_csv(rows, layer_dir(run_dir, layer) / IMPORTANCE_CSV)
+        importance_path = write_importance_csv(rows, run.importance(layer))
     return dataclasses.replace(result, h5_path=h5_path, csv_path=csv_path,
                                importance_path=importance_path)
 
 
-def _open_study(run_dir: Path, layer: str, *, dataset: str | os.PathLike[str] | None, rule: str,
-                scheduler: str, use_cache: bool | str, batch_size: int | None,
-                sets_per_batch: int | None, device: str | None) -> tuple[AblationStudy, Any]:
+def _open_study(run: RunDir, config: RunConfig, layer: str, *,
+                dataset: str | os.PathLike[str] | None, rule: str, scheduler: str,
+                use_cache: bool | str, batch_size: int | None, sets_per_batch: int | None,
+                device: str | None) -> tuple[AblationStudy, Any]:
     """The run's model, dataset and layer cache as an AblationStudy with no labels yet."""
-    from dissect.data import IMAGENET_MEAN, IMAGENET_STD, BrodenDataset
+    from dissect.data import BrodenDataset
     from dissect.record import (
         CacheReader,
-        cache_path,
         load_model,
         open_cache,
         resolve_device,
         weights_hash,
     )
-    from dissect.run import read_run
 
-    config = read_run(run_dir).get("config", {})
-    for key in ("model", "dataset"):
-        if not config.get(key):
-            raise CacheError(f"{run_dir / 'run.json'}: config has no {key!r}")
-    model = load_model(config["model"], config.get("weights"), config.get("num_classes"))
+    model = load_model(config.model, config.weights, config.num_classes)
     find_module(model, layer)
-    device_name = str(resolve_device(device if device is not None else config.get("device")))
+    device_name = str(resolve_device(device if device is not None else config.device))
     model = model.to(device_name)
-    data = BrodenDataset(dataset if dataset is not None else config["dataset"])
-    mean = tuple(config.get("mean") or IMAGENET_MEAN)
-    std = tuple(config.get("std") or IMAGENET_STD)
-    resize = tuple(config["resize"]) if config.get("resize") else None
+    data = BrodenDataset(dataset if dataset is not None else config.dataset)
+    mean, std, resize = config.mean, config.std, config.resize
 
     reader = None
-    path = cache_path(run_dir, layer)
+    path = run.cache(layer)
     if use_cache is True or rule == "mean" or path.is_file():
         info = open_cache(path)  # CacheError when missing or incomplete
         if info.n_images != len(data):
@@ -271,7 +322,7 @@ def _open_study(run_dir: Path, layer: str, *, dataset: str | os.PathLike[str] | 
     study = AblationStudy(model, layer, np.full(len(data), -1, np.int64), (),
                           images=DatasetImages(data, mean, std, resize),
                           activations=reader if use_cache is not False else None, rule=rule,
-                          means=means, batch_size=int(batch_size or config.get("batch_size") or 32),
+                          means=means, batch_size=int(batch_size or config.batch_size),
                           sets_per_batch=sets_per_batch, scheduler=scheduler, device=device_name,
                           use_suffix=use_cache)
     return study, data

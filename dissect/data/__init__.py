@@ -8,17 +8,26 @@ from dissect.data.broden import (
     parse_dataset,
 )
 from dissect.data.check import check_dataset
-from dissect.data.loader import (
+from dissect.data.vocab import Concept, Vocabulary
+from dissect.config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     NETDISSECT_MEAN,
     NETDISSECT_STD,
     check_normalisation,
-    collate_segmented,
-    image_tensor,
-    make_loader,
 )
-from dissect.data.vocab import Concept, Vocabulary
+
+#: Names of :mod:`dissect.data.loader`, imported on first use: the loader needs torch, and
+#: reading or checking a dataset must not pay for it.
+_LOADER_NAMES = ("collate_segmented", "image_tensor", "make_loader")
+
+
+def __getattr__(name: str) -> object:
+    if name in _LOADER_NAMES:
+        from dissect.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'dissect.data' has no attribute {name!r}")
 
 __all__ = [
     "BrodenDataset",

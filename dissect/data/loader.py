@@ -12,24 +12,13 @@ import torch.nn.functional as F
 from dissect.data.broden import BrodenDataset, pad_segmentations
 from dissect.errors import OptionError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NETDISSECT_MEAN = (0.48898, 0.46545, 0.42956)
-NETDISSECT_STD = (0.224, 0.224, 0.224)
-
-
-def check_normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...],
-                                                                              tuple[float, ...]]:
-    """Validate ``mean`` and ``std``: three numbers each, mean in [0, 1] (the 0..1 pixel scale:
-    pixels are divided by 255 first), std positive and finite; NaN is refused."""
-    mean_t = tuple(float(v) for v in mean)
-    std_t = tuple(float(v) for v in std)
-    if len(mean_t) != 3 or not all(0.0 <= v <= 1.0 for v in mean_t):
-        raise OptionError(f"--mean: expected three values r,g,b in [0, 1] (the 0..1 pixel "
-                          f"scale; divide 0..255 values by 255), got {mean_t}")
-    if len(std_t) != 3 or not all(0.0 < v < float("inf") for v in std_t):
-        raise OptionError(f"--std: expected three positive finite values r,g,b, got {std_t}")
-    return mean_t, std_t
+from dissect.config import (  # noqa: F401 -- defined once there, re-exported here
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NETDISSECT_MEAN,
+    NETDISSECT_STD,
+    check_normalisation,
+)
 
 
 def check_resize(resize: int | Sequence[int] | None) -> tuple[int, int] | None:
