@@ -24,6 +24,54 @@ def _compact(values: np.ndarray) -> np.ndarray:
     return half if same else values
 
 
+def _half_keys(values: np.ndarray) -> np.ndarray:
+    """int16 view keys of float16 ``values`` whose integer order is the float order.
+
+    Non-negative floats keep their bit pattern; for negative ones (sign bit set) the 15 low bits
+    are flipped, so more negative floats get smaller keys. The map is its own inverse and is
+    applied in place (the returned array is a view of ``values``). -0 sorts just below +0 (equal
+    floats, so every order statistic keeps its value); NaN gets keys beyond +-inf (callers
+    track NaN separately, as :func:`_has_nan_half`).
+    """
+    keys = values.view(np.int16)
+    keys ^= (keys >> 15) & np.int16(0x7FFF)
+    return keys
+
+
+def _has_nan_half(values: np.ndarray) -> np.ndarray:
+    """bool (U,): rows of float16 (U, m) ``values`` holding a NaN (exponent all ones, mantissa
+    nonzero)."""
+    return ((values.view(np.uint16) & np.uint16(0x7FFF)) > np.uint16(0x7C00)).any(axis=1)
+
+
+def _partition(values: np.ndarray, kth: int | list[int]) -> None:
+    """``values.partition(kth, axis=1)`` in place, for float16 through int16 order keys.
+
+    numpy's float16 partition compares in software; the int16 keys are partitioned with the
+    same SIMD sort as other integers (3-4x faster here). The partitioned positions hold the same
+    values as ``np.partition`` gives (up to the sign of zero and NaN payloads).
+    """
+    if values.dtype == np.float16:
+        keys = _half_keys(values)
+        keys.partition(kth, axis=1)
+        _half_keys(values)                       # back to float16 bit patterns
+    else:
+        values.partition(kth, axis=1)
+
+
+def _top_k(values: np.ndarray, k: int, in_place: bool = False) -> np.ndarray:
+    """The ``k`` largest values of every row of (U, m) ``values``: (U, min(k, m)), unordered.
+
+    ``in_place`` allows reordering ``values`` itself (no copy).
+    """
+    width = values.shape[1]
+    if k >= width:
+        return values
+    pool = values if in_place else values.copy()
+    _partition(pool, width - k)
+    return pool[:, width - k:]
+
+
 def quantile_positions(n_values: int, level: float) -> tuple[int, int, float]:
     """Where ``numpy.quantile(values, level)`` (method 'linear') reads a sorted array.
 
@@ -124,12 +172,23 @@ class TopKQuantile:
             return
         dtype = np.result_type(values.dtype, np.float32)
         self.value_dtype = np.result_type(self.value_dtype, dtype)
+        # float16 values (a float16 cache read as stored) stay float16: selected by their
+        # order keys, exactly as numpy orders them after the cast to float32.
+        work = np.float16 if values.dtype == np.float16 else dtype
         per_unit = np.ascontiguousarray(
-            np.moveaxis(values, 1, 0).reshape(self.n_units, -1), dtype=dtype)
+            np.moveaxis(values, 1, 0).reshape(self.n_units, -1), dtype=work)
+        if np.may_share_memory(per_unit, values):    # partitioned in place below
+            per_unit = per_unit.copy()
         self._count(per_unit.shape[1])
-        self.has_nan |= np.isnan(per_unit).any(axis=1)
-        per_unit = _compact(per_unit)
-        self.buffer = self._top([per_unit] if self.buffer is None else [self.buffer, per_unit])
+        if per_unit.dtype == np.float16:
+            self.has_nan |= _has_nan_half(per_unit)
+        # The chunk's own top K first (one partition of this private copy, in place), then
+        # the merge with the buffer, which is at most 2 K values per unit.
+        top = _top_k(per_unit, self.k, in_place=True)
+        if per_unit.dtype != np.float16:   # NaN sorts last: a unit's NaN is in its top part
+            self.has_nan |= np.isnan(top).any(axis=1)
+        top = _compact(top)
+        self.buffer = top if self.buffer is None else self._top([self.buffer, top])
 
     def merge(self, *others: TopKQuantile) -> TopKQuantile:
         """A new state holding the values of ``self`` and ``others`` (none is modified).
@@ -174,8 +233,8 @@ class TopKQuantile:
             pool = np.concatenate([part[start:stop].astype(dtype, copy=False)
                                    for part in parts], axis=1)
             if width > keep:
-                # NaN sorts last in np.partition: a unit with NaN keeps it (its result is NaN).
-                pool.partition(width - keep, axis=1)
+                # NaN sorts last: a unit with NaN keeps it (its result is NaN).
+                _partition(pool, width - keep)
             out[start:stop] = pool[:, width - keep:]
         return out
 
@@ -192,7 +251,9 @@ class TopKQuantile:
             raise RuntimeError("TopKQuantile buffer too small")
         width = self.buffer.shape[1]
         wanted = sorted({lowest, following - offset})
-        part = np.partition(self.buffer, wanted, axis=1) if width > 1 else self.buffer
+        part = self.buffer.copy()
+        if width > 1:
+            _partition(part, wanted)
         a = part[:, lowest].astype(self.value_dtype)
         b = part[:, following - offset].astype(self.value_dtype)
         # numpy's _lerp, evaluated in the buffer dtype with a Python-float weight.
