@@ -74,11 +74,16 @@ def test_run_json_round_trip_keeps_stages(tmp_path):
 
 
 def test_stage_timer_measures_wall_time_and_memory():
+    from dissect.rundir import _rss_bytes
+
+    before = _rss_bytes() / 2**20
     with stage_timer() as timing:
-        block = bytearray(64 * 2**20)
+        block = bytearray(256 * 2**20)
         block[::4096] = b"x" * len(block[::4096])
     assert timing.wall_s > 0
-    assert timing.peak_rss_mb >= 64
+    # the peak is the stage's own 256 MB above what the process held before (torch alone is
+    # more than 256 MB, so a bound on the peak alone could not fail)
+    assert timing.peak_rss_mb - before >= 200
 
 
 def test_layers_lists_names_types_and_output_shapes(capsys):

@@ -95,7 +95,10 @@ def test_a_damaged_dissection_is_computed_again(recorded_run):
 
 def test_recording_again_with_force_drops_the_layers_old_results(recorded_run, toy_dataset):
     assert main(["tally", "--run", str(recorded_run), "--scheduler", "synchronous"]) == 0
-    (recorded_run / "conv4" / "ablation.csv").write_text("unit\n")   # an earlier study
+    derived = ("ablation.csv", "importance.csv", "compositional.csv", "compositional.json",
+               "significance.csv", "significance.h5", "ablation.json")
+    for name in derived:                    # results of earlier studies of the old cache
+        (recorded_run / "conv4" / name).write_text("unit\n")
     assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv4",
                  "--dataset", str(toy_dataset), "--out", str(recorded_run), "--force"]) == 0
     assert not any((recorded_run / "conv4").iterdir())      # nothing left to mix with the new
@@ -283,3 +286,67 @@ def test_tally_with_a_category_selection_uses_the_recorded_cache(recorded_run):
         header = next(csv.reader(handle))
     assert header[:4] == ["unit", "category", "label", "score"]
     assert [c for c in header[4:] if c.endswith("-label")] == ["object-label", "part-label"]
+
+
+def test_ablate_goes_through_the_orchestrator_and_warns_at_chance(recorded_run, capsys):
+    """`dissect ablate` records its stage and options in run.json like `tally`; an untrained
+    model is at chance on the scene labels, which says the class order may be wrong."""
+    assert main(["tally", "--run", str(recorded_run), "--scheduler", "synchronous"]) == 0
+    capsys.readouterr()
+    assert main(["ablate", "--run", str(recorded_run), "--layers", "conv4", "--study", "random",
+                 "--classes", "scene", "--n", "2", "--repeats", "1", "--eval-split", "all",
+                 "--scheduler", "synchronous"]) == 0
+    captured = capsys.readouterr()
+    assert "random study written to" in captured.out
+    import csv
+
+    with open(recorded_run / "conv4" / "ablation.csv") as handle:
+        baseline = [row for row in csv.DictReader(handle) if row["set"] == "baseline"]
+    n = sum(int(row["n"]) for row in baseline)
+    accuracy = sum(float(row["recall"]) * int(row["n"]) for row in baseline) / n
+    warned = "at or below chance" in captured.err
+    assert warned == (accuracy <= 1 / 5)
+    meta = json.loads((recorded_run / "conv4" / "ablation.json").read_text())
+    assert ("warning" in meta["random"]) == warned
+    assert meta["random"]["classes"] == "scene"
+    run = json.loads((recorded_run / "run.json").read_text())
+    record = run["stages"]["ablate:conv4"]
+    assert record["studies"] == ["random"] and record["options"]["classes"] == "scene"
+    assert record["wall_s"] > 0
+    assert run["config"]["ablation_studies"] == ["random"] and run["config"]["n"] == [2]
+
+
+def test_class_order_warning_at_and_above_chance():
+    import numpy as np
+
+    from dissect.ablation.metrics import ClassCounts
+    from dissect.ablation.result import AblationResult
+    from dissect.ablation.runner import class_order_warning
+
+    def result(true_positive):
+        n_true = np.array([4, 4, 2])
+        counts = ClassCounts(np.array([true_positive]), np.array([[4, 4, 2]]),
+                             np.zeros((1, 3)), n_true, 10)
+        return AblationResult("l", "single", ("a", "b", "c"), ("single",), ("baseline",),
+                              (np.zeros(0, np.int64),), counts)
+
+    # 3 of 10 right is at or below chance (1/3): warned, naming the flag
+    assert "--class-names" in class_order_warning(result([1, 1, 1]), 3, "scene")
+    assert class_order_warning(result([2, 1, 1]), 3, "scene") is None         # 4 of 10
+    assert class_order_warning(result([0, 0, 0]), 3, "predicted") is None
+
+
+def test_run_with_ablate_uses_the_class_names_file(toy_dataset, tmp_path):
+    from dissect.ablation import load_ablation
+    from dissect.toy import TOY_SCENES
+
+    names = tmp_path / "outputs.txt"
+    order = list(reversed(TOY_SCENES))
+    names.write_text("\n".join(order) + "\n")
+    out = tmp_path / "run"
+    assert main(run_args(toy_dataset, out)[:4] + ["conv4"] + run_args(toy_dataset, out)[6:]
+                + ["--ablate", "--study", "random", "--classes", "scene", "--class-names",
+                   str(names), "--n", "2", "--repeats", "1", "--eval-split", "all"]) == 0
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert config["class_names"] == str(names.resolve())
+    assert load_ablation(out / "conv4")["random"].class_names == tuple(order)
