@@ -190,6 +190,25 @@ def test_weights_mismatch_lists_keys_and_shapes(tmp_path: Path,
         load_weights(Tiny(), path)
 
 
+def test_classifier_size_mismatch_suggests_num_classes(tmp_path: Path) -> None:
+    # a Places365 checkpoint loaded into a 1000-class model: every mismatch is fc's first axis
+    path = tmp_path / "places.pt"
+    torch.save(Tiny(num_classes=365).state_dict(), path)
+    with pytest.raises(ModelError, match=r"fc.weight \(365, 6\) in file vs \(1000, 6\).*"
+                                         r"classifier \(fc.weight\) has 365 outputs and the "
+                                         r"model 1000: build the model with --num-classes 365 "
+                                         r"\(num_classes=365\)"):
+        load_weights(Tiny(num_classes=1000), path)
+    load_weights(Tiny(num_classes=365), path)
+    # another mismatch than the classifier's outputs gets no such hint
+    state = Tiny().state_dict()
+    state["conv.weight"] = torch.zeros(5, 3, 3, 3)
+    torch.save(state, path)
+    with pytest.raises(ModelError) as error:
+        load_weights(Tiny(), path)
+    assert "conv.weight" in str(error.value) and "--num-classes" not in str(error.value)
+
+
 def test_weights_without_num_batches_tracked(tmp_path: Path) -> None:
     torch.manual_seed(4)
     source = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
@@ -208,8 +227,22 @@ def test_weights_file_errors(tmp_path: Path) -> None:
     torch.save({"conv.weight": torch.zeros(4, 3, 3, 3), "note": "hello"}, path)
     with pytest.raises(ModelError, match=r"\['note'\] are not tensors"):
         load_weights(Tiny(), path)
-    path.write_bytes(b"garbage")
-    with pytest.raises(ModelError, match="weights_only=True"):
+    path.write_bytes(b"garbage")  # torch itself says "KeyError: 103" (an unpickling opcode)
+    with pytest.raises(ModelError, match=r"w.pt' is not a PyTorch checkpoint: it starts with the "
+                                         r"bytes b'garbage'.*torch.save\(model.state_dict"):
+        load_weights(Tiny(), path)
+    path.write_bytes(b"")
+    with pytest.raises(ModelError, match="is not a PyTorch checkpoint: it is empty"):
+        load_weights(Tiny(), path)
+    import zipfile
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "x")
+    with pytest.raises(ModelError, match="not a PyTorch checkpoint: it is a zip archive without "
+                                         "the data.pkl.*notes.txt"):
+        load_weights(Tiny(), path)
+    # both formats torch.save writes are still read: the zip archive and the legacy pickle
+    for new_format in (True, False):
+        torch.save(Tiny().state_dict(), path, _use_new_zipfile_serialization=new_format)
         load_weights(Tiny(), path)
     torch.save(Tiny(), path)              # a whole pickled module: refused, no code runs
     with pytest.raises(ModelError, match=r"pickled object \(.*Tiny\).*state_dict") as error:

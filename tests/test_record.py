@@ -145,7 +145,9 @@ def test_recorded_values_equal_hand_computation(dataset: BrodenDataset, tmp_path
     logits = CacheReader(outputs_path(tmp_path), "logits").read(0, N_IMAGES)
     np.testing.assert_allclose(logits, np.stack([means[:, 0], means[:, 1],
                                                  means[:, 0] - means[:, 1]], 1), rtol=1e-5)
-    assert model.calls == 3  # one pass: ceil(10 / 4) forwards for both layers and the logits
+    # one probe forward at the dataset's size, then one pass: ceil(10 / 4) forwards for both
+    # layers and the logits
+    assert model.calls == 1 + 3
     info = open_cache(paths["conv"])
     assert (info.n_images, info.n_units, info.height, info.width, info.dtype) == (
         N_IMAGES, 2, HEIGHT // 2, WIDTH // 2, "float32")
@@ -199,7 +201,7 @@ def test_logits_added_to_a_complete_run(dataset: BrodenDataset, tmp_path: Path) 
     before = paths["conv"].stat().st_mtime_ns
     model.calls = 0
     record(model, dataset, ["conv"], tmp_path, logits=True)  # only the outputs are missing
-    assert model.calls == 3 and paths["conv"].stat().st_mtime_ns == before
+    assert model.calls == 1 + 3 and paths["conv"].stat().st_mtime_ns == before  # probe + 3
     info = open_cache(outputs_path(tmp_path))
     assert (info.name, info.shape, info.dtype) == ("logits", (N_IMAGES, 3), "float32")
     assert info.fingerprint["layer"] == "outputs" and info.fingerprint["dtype"] == "float32"
@@ -213,7 +215,7 @@ def test_hooks_removed_and_modes_restored_after_exception(dataset: BrodenDataset
     model = HandConv()
     model.train()
     model.head.eval()  # mixed modes must come back exactly
-    model.fail_at = 2
+    model.fail_at = 3  # the probe, block 0, then fails on block 1
     with pytest.raises(RuntimeError, match="planned failure"):
         record(model, dataset, ["conv", "relu"], tmp_path)
     assert_no_hooks(model)
@@ -227,7 +229,7 @@ def test_hooks_removed_and_modes_restored_after_exception(dataset: BrodenDataset
     model.fail_at = None
     model.calls = 0
     record(model, dataset, ["conv", "relu"], tmp_path)  # resumes the two missing blocks
-    assert model.calls == 2
+    assert model.calls == 1 + 2  # the probe and the two blocks
     assert open_cache(cache_path(tmp_path, "conv")).n_images == N_IMAGES
 
 
@@ -391,9 +393,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(dataset: BrodenDataset, t
     script = tmp_path / "record_and_die.py"
     script.write_text(KILL_SCRIPT)
     killed, fresh = tmp_path / "killed", tmp_path / "fresh"
-    # killed as the 3rd forward pass begins; a pause first lets the background writer land the
+    # killed as the 3rd forward pass of the images begins (after the probe forward); a pause first lets the background writer land the
     # two blocks already computed, without it any prefix of them may be done (or a write cut)
-    env = dict(os.environ, DISSECT_TEST_KILL_AT="3", DISSECT_TEST_KILL_DELAY=str(delay),
+    env = dict(os.environ, DISSECT_TEST_KILL_AT="4", DISSECT_TEST_KILL_DELAY=str(delay),
                PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
     result = subprocess.run([sys.executable, str(script), str(dataset.root), str(killed)],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -423,9 +425,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(dataset: BrodenDataset, t
         model = load_model("killmodel_for_test:build")
         record(model, dataset.root, ["0", "2"], killed, **options)
         if delay:
-            assert model.calls[0] == missing  # only the two missing blocks ran
+            assert model.calls[0] == 1 + missing  # the probe and the two missing blocks
         else:  # layer 0's missing blocks at least; other files may have landed fewer
-            assert missing <= model.calls[0] <= 4
+            assert 1 + missing <= model.calls[0] <= 1 + 4
         record(load_model("killmodel_for_test:build"), dataset, ["0", "2"], fresh, **options)
     finally:
         sys.modules.pop("killmodel_for_test", None)
@@ -468,19 +470,19 @@ def test_fingerprint_mismatch_names_field_and_force_rebuilds(dataset: BrodenData
 def test_partial_with_other_batch_size_resumes_with_its_own(dataset: BrodenDataset,
                                                              tmp_path: Path) -> None:
     model = HandConv()
-    model.fail_at = 2  # batch 4: block 0 of 3 written, then killed
+    model.fail_at = 3  # probe; batch 4: block 0 of 3 written, then killed
     with pytest.raises(RuntimeError):
         record(model, dataset, ["conv"], tmp_path, dtype="float32")
     model.fail_at, model.calls = None, 0
     record(model, dataset, ["conv"], tmp_path, dtype="float32", batch_size=5)
-    assert model.calls == 2  # the two missing blocks of 4, not a restart with blocks of 5
+    assert model.calls == 1 + 2  # probe + the two missing blocks of 4, not blocks of 5
     info = open_cache(cache_path(tmp_path, "conv"))
     assert info.fingerprint["batch_size"] == 4
     np.testing.assert_allclose(CacheReader(cache_path(tmp_path, "conv")).read(0, N_IMAGES),
                                hand_conv_expected(pixels_01(dataset)), atol=1e-5)
     model.calls = 0
     record(model, dataset, ["conv"], tmp_path, batch_size=5, force=True)
-    assert model.calls == 2
+    assert model.calls == 1 + 2
     assert open_cache(cache_path(tmp_path, "conv")).fingerprint["batch_size"] == 5
 
 
@@ -488,7 +490,7 @@ def test_partials_begun_with_different_batch_sizes_are_named(dataset: BrodenData
                                                              tmp_path: Path) -> None:
     model = HandConv()
     for layer, batch in (("conv", 4), ("relu", 3)):
-        model.fail_at, model.calls = 2, 0
+        model.fail_at, model.calls = 3, 0  # probe, block 0, fails
         with pytest.raises(RuntimeError):
             record(model, dataset, [layer], tmp_path, batch_size=batch)
     model.fail_at = None

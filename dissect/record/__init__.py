@@ -5,6 +5,8 @@
 - :func:`list_layers` / :func:`layer_table` discover layer names, :func:`format_layers` /
   :func:`describe_layers` write the ``dissect layers`` listing;
 - :func:`resolve_layers` expands names and wildcards, :class:`LayerRecorder` hooks them;
+- :func:`check_input_size` probes the model at the dataset's image size (what it expects, the
+  unit-map sizes and token layouts of the layers);
 - :func:`record_activations` runs the model once over a dataset and writes one cache per layer;
 - :func:`open_cache` and :class:`CacheReader` read the caches.
 """
@@ -35,8 +37,24 @@ from dissect.record.models import (
     register_model_source,
     weights_hash,
 )
-from dissect.record.recorder import AUTOCAST_DTYPES, record_activations, resolve_device
-from dissect.record.trace import LAYOUTS, LayerRecorder, LayoutOptions, resolve_layers
+from dissect.record.recorder import (
+    AUTOCAST_DTYPES,
+    InputProbe,
+    SmallMapsWarning,
+    check_input_size,
+    expected_input_size,
+    layout_options,
+    record_activations,
+    resolve_device,
+)
+from dissect.record.trace import (
+    LAYOUTS,
+    TOKEN_LAYOUTS,
+    LayerRecorder,
+    LayoutOptions,
+    describe_layout,
+    resolve_layers,
+)
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -44,17 +62,24 @@ __all__ = [
     "COMPRESSIONS",
     "LAYOUTS",
     "SCHEMA_VERSION",
+    "TOKEN_LAYOUTS",
     "CacheInfo",
     "CacheReader",
+    "InputProbe",
     "LayerRecorder",
     "LayerRow",
     "LayoutOptions",
     "ModelSource",
+    "SmallMapsWarning",
     "cache_path",
+    "check_input_size",
     "describe_layers",
+    "describe_layout",
+    "expected_input_size",
     "format_layer_table",
     "format_layers",
     "layer_table",
+    "layout_options",
     "list_layers",
     "load_model",
     "load_weights",

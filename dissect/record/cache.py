@@ -160,6 +160,21 @@ class CacheInfo:
     attrs: dict[str, Any] = field(repr=False)
 
     @property
+    def unit_layout(self) -> dict[str, Any] | None:
+        """How the layer output became unit maps (attribute ``unit_layout``; None for caches
+        written before it existed and for outputs.h5): ``layout`` ('nchw' | 'nhwc' | 'tokens' |
+        'flat'), ``output_shape`` per image, ``units``, ``grid`` [h, w], ``drop_tokens`` (see
+        :func:`dissect.record.trace.describe_layout`)."""
+        text = self.attrs.get("unit_layout")
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the main dataset."""
         if self.name == "logits":
@@ -428,7 +443,8 @@ class CacheWriter:
     """
 
     def __init__(self, state: CacheState, datasets: Sequence[DatasetSpec], batch_size: int,
-                 compression: str | None = None) -> None:
+                 compression: str | None = None,
+                 attributes: Mapping[str, str] | None = None) -> None:
         self.state = state
         self.datasets = {d.name: d for d in datasets}
         self.batch_size = batch_size
@@ -444,6 +460,8 @@ class CacheWriter:
         try:
             if not resume:
                 self._create(compression)
+            for key, value in (attributes or {}).items():  # e.g. unit_layout (JSON text)
+                self.file.attrs[key] = value
             self._arrays = {name: self.file[name] for name in (*self.datasets, "done")}
         except BaseException:
             self.file.close()

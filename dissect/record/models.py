@@ -280,6 +280,36 @@ def _load_failure(error: BaseException) -> str:
     return text
 
 
+def checkpoint_format_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the file at ``path`` is not a ``torch.save`` file, or None when it looks like one.
+
+    ``torch.save`` writes a zip archive holding ``<name>/data.pkl`` (the default since torch 1.6)
+    or, in the legacy format, a pickle (protocol 2) starting with ``0x80 0x02``. Anything else
+    (a text file, an HTML error page saved by a browser, a numpy file) is not a checkpoint, whatever
+    torch's unpickler then says about it.
+    """
+    import zipfile
+
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            return f"it is a damaged zip archive ({error})"
+        if not any(name.endswith("data.pkl") for name in names):
+            shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+            return (f"it is a zip archive without the data.pkl of a torch.save file "
+                    f"(it holds {shown or 'nothing'})")
+        return None
+    if head[:2] == b"\x80\x02":
+        return None
+    if not head:
+        return "it is empty"
+    return f"it starts with the bytes {head!r}, neither a zip archive nor a legacy torch pickle"
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load a state_dict from ``path`` into ``model`` (in place) and return the model.
 
@@ -296,6 +326,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelError(f"weights file {path!r} does not exist")
+    try:
+        problem = checkpoint_format_problem(path)
+    except OSError as error:
+        raise ModelError(f"cannot read weights file {path!r}: {error}") from error
+    if problem is not None:
+        raise ModelError(f"weights file {path!r} is not a PyTorch checkpoint: {problem}. "
+                         f"Pass a state_dict saved with torch.save(model.state_dict(), path)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors have many types
@@ -319,9 +356,38 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         except RuntimeError as error:
             problems.append(str(error))
     if problems:
+        hint = num_classes_hint(state, model_state)
         raise ModelError(f"weights file {path!r} does not fit model {type(model).__name__}: "
-                         + "; ".join(problems))
+                         + "; ".join(problems) + (f". {hint}" if hint else ""))
     return model
+
+
+def num_classes_hint(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor]
+                     ) -> str | None:
+    """A ``--num-classes N`` suggestion when only the classifier's output size differs.
+
+    That is the case when every shape mismatch is in the first dimension, all to the same file
+    size N, and exactly one of them is a weight of 2 or more axes, a Linear layer's or the
+    model's last one: the classifier head with its bias, e.g. ``fc.weight`` of a Places365 ResNet (365 rows in the file, 1000 in the model).
+    """
+    mismatched = {k: (tuple(v.shape), tuple(model_state[k].shape)) for k, v in state.items()
+                  if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)}
+    weights = [k for k, (shape, _) in mismatched.items() if len(shape) >= 2]
+    matrices = [k for k, v in model_state.items() if v.dim() >= 2]
+    if len(weights) != 1 or not (len(mismatched[weights[0]][0]) == 2
+                                 or weights[0] == matrices[-1]):
+        return None  # a head is a Linear layer (2-D weight) or the model's last conv
+    sizes = set()
+    for file_shape, model_shape in mismatched.values():
+        if len(file_shape) != len(model_shape) or file_shape[1:] != model_shape[1:]:
+            return None
+        sizes.add(file_shape[0])
+    if len(sizes) != 1:
+        return None
+    size = sizes.pop()
+    return (f"The file's classifier ({weights[0]}) has {size} outputs and the model "
+            f"{mismatched[weights[0]][1][0]}: build the model with --num-classes {size} "
+            f"(num_classes={size})")
 
 
 def weights_hash(model: nn.Module) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dissect.errors import CacheError, ModelError, OptionError
+from dissect.errors import CacheError, LayerError, ModelError, OptionError
 from dissect.record.cache import (
     FLOAT16_MAX,
     OUTPUTS_NAME,
@@ -33,7 +35,15 @@ from dissect.record.cache import (
     outputs_path,
 )
 from dissect.record.models import first_tensor, load_model, model_name, weights_hash
-from dissect.record.trace import LayerRecorder, LayoutOptions, layouts_for, resolve_layers
+from dissect.record.trace import (
+    LayerRecorder,
+    LayoutOptions,
+    check_hookable,
+    describe_layout,
+    infer_patch_size,
+    layouts_for,
+    resolve_layers,
+)
 
 #: Allowed values of the ``autocast`` option (None: no autocast).
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +66,191 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise OptionError(f"--device: {device!r} does not exist; this machine has "
                           f"{torch.cuda.device_count()} CUDA device(s)")
     return resolved
+
+
+#: Unit maps this small (h and w at most this) hold too few positions for a segmentation mask:
+#: :func:`check_input_size` warns when the dataset's segmentations are finer than them.
+SMALL_MAP_SIZE = 4
+#: Input size tried when a model rejects the dataset's size and does not state its own.
+COMMON_INPUT_SIZE = 224
+
+
+class SmallMapsWarning(UserWarning):
+    """A recorded layer's unit maps are at most 4x4 at the dataset's image size: its masks are
+    coarse blocks of the segmentation; recording at a larger ``--resize`` gives finer maps."""
+
+
+@dataclass(frozen=True)
+class InputProbe:
+    """What one probe forward at the dataset's image size found (:func:`check_input_size`).
+
+    ``input_size`` (H, W) fed to the model; per recorded layer, ``shapes`` the unit-map shape
+    (U, h, w), ``calls`` how often it ran in the forward, ``layouts`` the
+    :func:`~dissect.record.trace.describe_layout` dict stored in its cache (``unit_layout``);
+    ``notes`` one sentence per layer with small maps (also issued as :class:`SmallMapsWarning`).
+    """
+
+    input_size: tuple[int, int]
+    shapes: dict[str, tuple[int, int, int]]
+    calls: dict[str, int]
+    layouts: dict[str, dict[str, Any]]
+    notes: tuple[str, ...] = ()
+
+
+def expected_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The fixed input size (H, W) a model states, or None.
+
+    Looked up: ``model.image_size`` (torchvision ``VisionTransformer``), ``model.img_size`` and
+    ``model.patch_embed.img_size`` (timm).
+    """
+    for owner, attribute in ((model, "image_size"), (model, "img_size"),
+                             (getattr(model, "patch_embed", None), "img_size")):
+        value = getattr(owner, attribute, None) if owner is not None else None
+        if isinstance(value, int) and value > 0:
+            return (value, value)
+        if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+                isinstance(v, int) and v > 0 for v in value):
+            return (int(value[0]), int(value[1]))
+    return None
+
+
+def _probe_forward(model: nn.Module, size: tuple[int, int], channels: int = 3) -> Any:
+    parameter = next(iter(model.parameters()), next(iter(model.buffers()), None))
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    with torch.no_grad():
+        return model(torch.zeros(1, channels, *size, device=device))
+
+
+def _size_text(size: Sequence[int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _resize_text(size: tuple[int, int]) -> str:
+    return str(size[0]) if size[0] == size[1] else f"{size[0]},{size[1]}"
+
+
+def check_input_size(model: nn.Module, size: int | Sequence[int], layers: str | Sequence[str],
+                     *, layout: LayoutOptions | Mapping[str, LayoutOptions] | None = None,
+                     seg_size: Sequence[int] | None = None, warn: bool = True) -> InputProbe:
+    """Probe ``model`` with one zero image of ``size`` before recording ``layers`` at that size.
+
+    Run it with the dataset's image size after any resize (``record_activations`` does, before
+    it opens a cache). The forward runs on the model's device, in eval mode, without gradients
+    (train/eval modes restored).
+
+    Parameters
+    ----------
+    model:
+        The model (not modified).
+    size:
+        S or (H, W): the images' size as the model will see them.
+    layers:
+        Layer names or patterns (:func:`~dissect.record.resolve_layers`).
+    layout:
+        The recorder's :class:`~dissect.record.LayoutOptions` (one, or per layer).
+    seg_size:
+        The dataset's segmentation size (sh, sw): a layer whose maps are at most
+        :data:`SMALL_MAP_SIZE` x :data:`SMALL_MAP_SIZE` and coarser than it gets a note (and a
+        :class:`SmallMapsWarning` when ``warn``) suggesting a larger ``--resize``.
+    warn:
+        Issue the notes as warnings.
+
+    Returns
+    -------
+    InputProbe
+
+    Raises
+    ------
+    ModelError
+        When the model rejects the size: names the size it expects (its ``image_size``, or
+        224x224 when a probe at that size works) and the ``--resize`` to pass.
+    LayerError
+        Unknown layers, TorchScript layers (cannot be hooked), layers the forward does not call,
+        outputs the layout options cannot read.
+    """
+    from dissect.data.loader import check_resize
+
+    input_size = check_resize(size)
+    if input_size is None:
+        raise OptionError("check_input_size: size must be S or (H, W), got None")
+    layers = resolve_layers(model, layers)
+    check_hookable(model, layers)
+    layouts = layouts_for(layers, layout)
+    modules = dict(model.named_modules())
+    raw: dict[str, tuple[int, ...] | None] = {}
+    calls = {name: 0 for name in layers}
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            calls[name] += 1
+            tensor = first_tensor(output)
+            raw[name] = tuple(tensor.shape) if tensor is not None else None
+        return hook
+
+    modes = {module: module.training for module in model.modules()}
+    handles = [modules[name].register_forward_hook(make_hook(name)) for name in layers]
+    try:
+        model.eval()
+        try:
+            _probe_forward(model, input_size)
+        except Exception as error:  # the user's model rejected the input
+            raise ModelError(_input_size_message(model, input_size, error)) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.train(mode)
+    missing = [name for name in layers if calls[name] == 0]
+    if missing:
+        raise LayerError(f"layers {missing} were not called by the forward pass of "
+                         f"{model_name(model)}, so they have no output to record "
+                         f"(`dissect layers MODEL` marks such layers)")
+    patch = infer_patch_size(model)
+    described: dict[str, dict[str, Any]] = {}
+    shapes: dict[str, tuple[int, int, int]] = {}
+    notes: list[str] = []
+    for name in layers:
+        shape = raw[name]
+        if shape is None:
+            raise LayerError(f"layer {name!r} returned no tensor; only tensor outputs (or "
+                             f"tuples/lists starting with a tensor) can be recorded")
+        options = layouts[name]
+        info = describe_layout(shape, options, input_size, options.patch_size or patch, name)
+        described[name] = info
+        shapes[name] = (info["units"], info["grid"][0], info["grid"][1])
+        height, width = info["grid"]
+        finer = seg_size is None or seg_size[0] > height or seg_size[1] > width
+        if max(height, width) <= SMALL_MAP_SIZE and finer:
+            target = tuple(v * 2 for v in input_size)
+            notes.append(f"layer {name!r} has {height}x{width} unit maps at the image size "
+                         f"{_size_text(input_size)}"
+                         + (f" (segmentations {_size_text(seg_size)})" if seg_size else "")
+                         + f": each mask is a few coarse blocks; pass a larger --resize (e.g. "
+                         f"--resize {_resize_text(target)}) for finer maps")
+    if warn:
+        for note in notes:
+            warnings.warn(note, SmallMapsWarning, stacklevel=2)
+    return InputProbe(input_size, shapes, dict(calls), described, tuple(notes))
+
+
+def _input_size_message(model: nn.Module, size: tuple[int, int], error: BaseException) -> str:
+    """The ModelError text for a model that failed on a ``size`` input."""
+    name = model_name(model)
+    expected = expected_input_size(model)
+    if expected is None and size != (COMMON_INPUT_SIZE, COMMON_INPUT_SIZE):
+        try:
+            _probe_forward(model, (COMMON_INPUT_SIZE, COMMON_INPUT_SIZE))
+            expected = (COMMON_INPUT_SIZE, COMMON_INPUT_SIZE)
+        except Exception:  # noqa: BLE001 - the model fails at that size too: size not known
+            expected = None
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if expected is not None and expected != size:
+        return (f"model {name} expects {_size_text(expected)} input images, but the images are "
+                f"{_size_text(size)} (the dataset's size, after any --resize): pass --resize "
+                f"{_resize_text(expected)} (resize={_resize_text(expected)}). The model said: "
+                f"{reason}")
+    return (f"model {name} failed on a {_size_text(size)} input image (the dataset's size, after "
+            f"any --resize): {reason}. If it needs another input size, pass --resize S")
 
 
 @dataclass(frozen=True)
@@ -222,7 +417,11 @@ def record_activations(
     model_spec: str | None = None,
     autocast: str | None = None,
     channels_last: bool = False,
-    layout: LayoutOptions | Mapping[str, LayoutOptions] | None = None,
+    layout: str | LayoutOptions | Mapping[str, LayoutOptions] | None = None,
+    drop_tokens: int | None = None,
+    token_grid: Sequence[int] | None = None,
+    patch_size: int | Sequence[int] | None = None,
+    stop_early: bool = True,
 ) -> dict[str, Path]:
     """Record ``layers`` of ``model`` on every image of ``dataset`` into ``run_dir/cache``.
 
@@ -275,8 +474,25 @@ def record_activations(
     channels_last:
         Convert the model and inputs to the channels_last memory format.
     layout:
-        :class:`~dissect.record.LayoutOptions` for transformer tokens / channel-last outputs, for
-        all layers or as a mapping layer name -> options.
+        How layer outputs become (N, U, h, w) unit maps: one of
+        :data:`~dissect.record.TOKEN_LAYOUTS` (``'auto'`` default: 4-D as NCHW, 3-D (B, T, C) as
+        transformer tokens, 2-D as 1x1 maps; ``'nchw'``; ``'nhwc'`` channel-last;
+        ``'tokens'``), or :class:`~dissect.record.LayoutOptions` for all layers or as a mapping
+        layer name -> options (then leave the three token options below unset).
+    drop_tokens:
+        Token layers: leading tokens (class, register tokens) left out of the grid; default
+        ``T - h * w`` (1 for a torchvision ViT: the class token).
+    token_grid:
+        Token layers: the (h, w) grid of the patch tokens; default input size // patch size
+        (14x14 for ViT-B/16 at 224 px).
+    patch_size:
+        Token layers: p or (ph, pw); default found on the model.
+        The layout used is stored in each cache's ``unit_layout`` attribute
+        (:func:`~dissect.record.trace.describe_layout`; :attr:`CacheInfo.unit_layout`) and its
+        options in the fingerprint.
+    stop_early:
+        Stop each forward pass once the recorded layers have run (the rest of the model is
+        skipped) when no logits are to be written; the caches are the same either way.
 
     Returns
     -------
@@ -304,7 +520,8 @@ def record_activations(
         model = load_model(os.fspath(model))
     dataset = _open_dataset(dataset)
     layers = resolve_layers(model, layers)
-    layouts = layouts_for(layers, layout)
+    check_hookable(model, layers)
+    layouts = layouts_for(layers, layout_options(layout, drop_tokens, token_grid, patch_size))
     if logits and OUTPUTS_NAME in layers:
         raise OptionError(f"layer {OUTPUTS_NAME!r} would share its cache file with the model "
                           f"outputs (logits=True); record it in another run directory")
@@ -347,12 +564,57 @@ def record_activations(
     if output_state is not None and not output_state.complete:
         todo[OUTPUTS_NAME] = output_state
     if todo:
+        probe = _probe_dataset_size(model, dataset, layers, layouts, resize_t)
+        needs_output = output_state is not None and not output_state.complete
+        stop = {layer: probe.calls[layer] for layer in layers if layer in todo} \
+            if stop_early and probe is not None and not needs_output else None
         _record_pass(model, dataset, todo, states, output_state, make_loader=make_loader,
                      mean=mean_t, std=std_t, resize=resize_t, batch_size=batch_size,
                      device=torch_device, dtype=dtype, compression=compression,
                      num_workers=num_workers, progress=progress, autocast=autocast,
-                     channels_last=channels_last, layouts=layouts)
+                     channels_last=channels_last, layouts=layouts, stop=stop or None,
+                     unit_layouts=probe.layouts if probe is not None else {})
     return {layer: state.path for layer, state in states.items()}
+
+
+def layout_options(layout: str | LayoutOptions | Mapping[str, LayoutOptions] | None,
+                   drop_tokens: int | None = None, token_grid: Sequence[int] | None = None,
+                   patch_size: int | Sequence[int] | None = None
+                   ) -> LayoutOptions | Mapping[str, LayoutOptions] | None:
+    """The recorder's layout options from its explicit parameters (see
+    :func:`record_activations`): a layout name plus the token options give one
+    :class:`LayoutOptions`; options objects pass through (OptionError when token options are
+    given beside them)."""
+    explicit = {k: v for k, v in (("drop_tokens", drop_tokens), ("token_grid", token_grid),
+                                  ("patch_size", patch_size)) if v is not None}
+    if layout is None or isinstance(layout, str):
+        if layout is None and not explicit:
+            return None
+        grid = tuple(token_grid) if token_grid is not None else None
+        patch = tuple(patch_size) if isinstance(patch_size, (list, tuple)) else patch_size
+        return LayoutOptions(layout or "auto", drop_tokens, grid, patch)  # type: ignore[arg-type]
+    if explicit:
+        raise OptionError(f"layout: {', '.join(explicit)} given beside LayoutOptions; put them "
+                          f"into the LayoutOptions instead")
+    return layout
+
+
+def _probe_dataset_size(model: nn.Module, dataset: Any, layers: Sequence[str],
+                        layouts: Mapping[str, LayoutOptions],
+                        resize: tuple[int, int] | None) -> InputProbe | None:
+    """:func:`check_input_size` at the size the recorder feeds the model (None when the dataset
+    has no single image size and no resize is asked for: the probe cannot stand for it)."""
+    from dissect.errors import DatasetError
+
+    try:
+        size = resize or tuple(dataset.image_size)
+    except (AttributeError, DatasetError):
+        return None
+    try:
+        seg_size = tuple(dataset.seg_size)
+    except (AttributeError, DatasetError):
+        seg_size = None
+    return check_input_size(model, size, layers, layout=dict(layouts), seg_size=seg_size)
 
 
 def _record_pass(model: nn.Module, dataset: Any, todo: Mapping[str, CacheState],
@@ -361,7 +623,8 @@ def _record_pass(model: nn.Module, dataset: Any, todo: Mapping[str, CacheState],
                  resize: tuple[int, int] | None, batch_size: int, device: torch.device,
                  dtype: str, compression: str | None, num_workers: int | None, progress: bool,
                  autocast: str | None, channels_last: bool,
-                 layouts: Mapping[str, LayoutOptions]) -> None:
+                 layouts: Mapping[str, LayoutOptions], stop: Mapping[str, int] | None = None,
+                 unit_layouts: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     """Run the model once over the blocks any cache in ``todo`` still needs, writing each."""
     from tqdm.auto import tqdm
 
@@ -404,7 +667,7 @@ def _record_pass(model: nn.Module, dataset: Any, todo: Mapping[str, CacheState],
 
     try:
         recorder = LayerRecorder(model, hooked, {k: layouts[k] for k in hooked},
-                                 store_maps(dtype)) if hooked else None
+                                 store_maps(dtype), stop=stop) if hooked else None
         with prepared_model(model, device, channels_last), \
                 recorder or contextlib.nullcontext(), torch.inference_mode(), \
                 BackgroundWriter() as background:
@@ -419,11 +682,12 @@ def _record_pass(model: nn.Module, dataset: Any, todo: Mapping[str, CacheState],
                     images = images.contiguous(memory_format=torch.channels_last)
                 with (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[autocast]) if autocast
                       else contextlib.nullcontext()):
-                    output = model(images)
+                    output = recorder.forward(images) if recorder is not None \
+                        else model(images)
                 maps = recorder.maps() if recorder is not None else {}
                 if not writers:
                     writers.update(_open_writers(todo, maps, output, n_images, batch_size,
-                                                 dtype, compression))
+                                                 dtype, compression, unit_layouts or {}))
                 background.submit(write_job(block, start, maps, output))
                 bar.update(len(index))
         for writer in writers.values():
@@ -436,7 +700,9 @@ def _record_pass(model: nn.Module, dataset: Any, todo: Mapping[str, CacheState],
 
 def _open_writers(todo: Mapping[str, CacheState], maps: Mapping[str, StoredMaps],
                   output: Any, n_images: int, batch_size: int, dtype: str,
-                  compression: str | None) -> dict[str, CacheWriter]:
+                  compression: str | None,
+                  unit_layouts: Mapping[str, Mapping[str, Any]] | None = None
+                  ) -> dict[str, CacheWriter]:
     """One writer per cache in ``todo`` (shapes from the first batch), after a disk-space check."""
     specs: dict[str, list[DatasetSpec]] = {}
     for name in todo:
@@ -455,7 +721,10 @@ def _open_writers(todo: Mapping[str, CacheState], maps: Mapping[str, StoredMaps]
     writers: dict[str, CacheWriter] = {}
     try:
         for name, spec in specs.items():
-            writers[name] = CacheWriter(todo[name], spec, batch_size, compression)
+            layout = (unit_layouts or {}).get(name)
+            attributes = {"unit_layout": json.dumps(dict(layout), sort_keys=True)} \
+                if layout is not None else None
+            writers[name] = CacheWriter(todo[name], spec, batch_size, compression, attributes)
     except BaseException:
         for writer in writers.values():
             writer.close()

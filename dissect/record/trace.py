@@ -28,8 +28,18 @@ from torch import nn
 from dissect.errors import LayerError, OptionError
 from dissect.record.models import first_tensor, model_name
 
-#: Allowed values of :attr:`LayoutOptions.layout`.
+#: Allowed values of :attr:`LayoutOptions.layout` (the ``layout`` option of the recorder):
+#:
+#: - ``auto``: 4-D outputs as (B, C, h, w), 3-D as transformer tokens (B, T, C), 2-D (B, C) as
+#:   1x1 maps;
+#: - ``nchw``: 4-D channel-first outputs only;
+#: - ``nhwc``: 4-D channel-last outputs (B, h, w, C), e.g. torchvision Swin stages;
+#: - ``tokens``: 3-D (B, T, C) token outputs only: the leading ``drop_tokens`` tokens (class and
+#:   register tokens; default ``T - h * w``) are left out and the rest, in row-major patch order,
+#:   become an ``h x w`` grid (``grid``; default input size // ``patch_size``).
 LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
+#: The same choices under the name the command line uses for its ``--layout`` option.
+TOKEN_LAYOUTS = LAYOUTS
 #: How many leading (class/register) tokens the grid inference may drop at most.
 MAX_INFERRED_DROP = 16
 _WILDCARDS = "*?["
@@ -246,6 +256,40 @@ def token_grid(n_tokens: int, input_size: tuple[int, int] | None,
                      f"input size {input_size}{hint}")
 
 
+def describe_layout(shape: Sequence[int], options: LayoutOptions,
+                    input_size: tuple[int, int] | None = None,
+                    patch_size: tuple[int, int] | None = None, layer: str = "?") -> dict[str, Any]:
+    """How a layer output of ``shape`` (batch axis included) is read as unit maps.
+
+    Returns a JSON-ready dict: ``layout`` (the layout actually used: ``'nchw'``, ``'nhwc'``,
+    ``'tokens'`` or ``'flat'`` for 2-D outputs), ``output_shape`` (per image), ``units`` U,
+    ``grid`` [h, w] of the unit maps and ``drop_tokens`` (leading tokens left out; 0 unless
+    tokens). This is what a cache stores as its ``unit_layout`` attribute, so a run and its report
+    can state it (a ViT-B/16 block at 224 px: tokens, 197 -> 1 class token dropped, 14x14 grid).
+
+    Raises
+    ------
+    LayerError
+        As :func:`to_unit_maps` for shapes the options cannot read.
+    """
+    shape = tuple(int(v) for v in shape)
+    layout = options.layout
+    base = {"output_shape": list(shape[1:]), "drop_tokens": 0}
+    if len(shape) == 4 and layout in ("auto", "nchw"):
+        return {"layout": "nchw", "units": shape[1], "grid": [shape[2], shape[3]], **base}
+    if len(shape) == 4 and layout == "nhwc":
+        return {"layout": "nhwc", "units": shape[3], "grid": [shape[1], shape[2]], **base}
+    if len(shape) == 3 and layout in ("auto", "tokens"):
+        drop, height, width = token_grid(shape[1], input_size, patch_size, options, layer)
+        return {"layout": "tokens", "units": shape[2], "grid": [height, width],
+                "output_shape": list(shape[1:]), "drop_tokens": drop}
+    if len(shape) == 2 and layout == "auto":
+        return {"layout": "flat", "units": shape[1], "grid": [1, 1], **base}
+    raise LayerError(f"layer {layer!r}: output of shape {shape} cannot be read with "
+                     f"layout {layout!r}; expected 4-D (nchw/nhwc), 3-D tokens (B, T, C) or "
+                     f"2-D (B, C) with layout 'auto'")
+
+
 def tokens_to_maps(tokens: torch.Tensor, drop: int, height: int, width: int) -> torch.Tensor:
     """(B, T, C) tokens -> (B, C, h, w) maps: drop ``drop`` leading tokens, row-major patches."""
     batch, _, channels = tokens.shape
@@ -278,6 +322,23 @@ def to_unit_maps(output: torch.Tensor, options: LayoutOptions,
 
 
 # --------------------------------------------------------------------------- recorder
+class StopForward(BaseException):
+    """Raised by a :class:`LayerRecorder` hook once every recorded layer has run (``stop=...``),
+    so the rest of the model is skipped. Private to the recorder, which catches it around the
+    forward call (a BaseException, so a model's own ``except Exception`` does not swallow it)."""
+
+
+def check_hookable(model: nn.Module, layers: Sequence[str]) -> None:
+    """LayerError when a layer of ``layers`` is inside a TorchScript model (cannot be hooked)."""
+    modules = dict(model.named_modules())
+    for name in layers:
+        if isinstance(modules.get(name), torch.jit.ScriptModule):
+            raise LayerError(
+                f"layer {name!r} is part of a TorchScript model, whose inner layers cannot "
+                f"be hooked; record from the Python model instead (a torchvision name or "
+                f"module:callable spec with --weights)")
+
+
 def copy_maps(layer: str, maps: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``maps`` (the default ``store`` of :class:`LayerRecorder`)."""
     return maps.clone(memory_format=torch.contiguous_format)
@@ -305,11 +366,17 @@ class LayerRecorder:
         ``store(layer, maps)`` turns the (B, U, h, w) unit maps (a view of the detached output)
         into what :meth:`maps` returns; it must copy (default: :func:`copy_maps`, a contiguous
         clone). The recorder uses it to convert to the cache dtype in the same copy.
+    stop:
+        None (default: the forward runs to the end), or how many times each recorded layer runs
+        in one forward (layer name -> calls, from a probe forward): once every layer has made
+        its calls, the hook raises :class:`StopForward` and the rest of the model is skipped.
+        Call the model through :meth:`forward` then, which catches it (and returns None).
     """
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str],
                  layout: LayoutOptions | Mapping[str, LayoutOptions] | None = None,
-                 store: Callable[[str, torch.Tensor], Any] | None = None) -> None:
+                 store: Callable[[str, torch.Tensor], Any] | None = None,
+                 stop: Mapping[str, int] | None = None) -> None:
         self.model = model
         self.layers = resolve_layers(model, layers)
         self.layouts = layouts_for(self.layers, layout)
@@ -317,10 +384,21 @@ class LayerRecorder:
         self.store = store or copy_maps
         self.outputs: dict[str, Any] = {}
         self.input_size: tuple[int, int] | None = None
+        self.stop = None if stop is None else {name: max(1, int(stop.get(name, 1)))
+                                               for name in self.layers}
+        self.calls: dict[str, int] = {}
         self._handles: list[Any] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)``; None when the forward was stopped after the last layer."""
+        try:
+            return self.model(*args, **kwargs)
+        except StopForward:
+            return None
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.calls[name] = self.calls.get(name, 0) + 1
             tensor = first_tensor(output)
             if tensor is None:
                 raise LayerError(f"layer {name!r} returned a {type(output).__name__}; only tensor "
@@ -331,6 +409,9 @@ class LayerRecorder:
             maps = to_unit_maps(tensor.detach(), options, self.input_size, patch,  # type: ignore
                                 name)
             self.outputs[name] = self.store(name, maps)
+            if self.stop is not None and all(self.calls.get(layer, 0) >= count
+                                             for layer, count in self.stop.items()):
+                raise StopForward
         return hook
 
     def _input_hook(self, module: nn.Module, inputs: Any) -> None:
@@ -338,16 +419,13 @@ class LayerRecorder:
         self.input_size = tuple(tensor.shape[-2:]) if tensor is not None and tensor.dim() >= 2 \
             else None  # type: ignore[assignment]
         self.outputs.clear()
+        self.calls.clear()
 
     def __enter__(self) -> "LayerRecorder":
         modules = dict(self.model.named_modules())
+        check_hookable(self.model, self.layers)
         try:
             for name in self.layers:
-                if isinstance(modules[name], torch.jit.ScriptModule):
-                    raise LayerError(
-                        f"layer {name!r} is part of a TorchScript model, whose inner layers cannot "
-                        f"be hooked; record from the Python model instead (a torchvision name or "
-                        f"module:callable spec with --weights)")
                 self._handles.append(modules[name].register_forward_hook(self._hook(name)))
             self._handles.append(self.model.register_forward_pre_hook(self._input_hook))
         except BaseException:
