@@ -350,6 +350,189 @@ def test_torchvision_vit_token_layer() -> None:
             assert torch.equal(maps[:, :, i, j], raw[0][:, 1 + 2 * i + j, :])
 
 
+def test_token_layout_options_are_parameters_and_stored(dataset: BrodenDataset,
+                                                        tmp_path: Path) -> None:
+    from dissect.record import TOKEN_LAYOUTS
+
+    assert TOKEN_LAYOUTS == ("auto", "nchw", "nhwc", "tokens")
+    model = TinyViT(n_leading=2)
+    paths = record(model, dataset, ["patch_embed", "blocks"], tmp_path / "auto", dtype="float32")
+    # the layout actually used is stored with each cache (for run.json and the report)
+    assert open_cache(paths["blocks"]).unit_layout == {
+        "layout": "tokens", "output_shape": [2 + 32, 3], "units": 3, "grid": [4, 8],
+        "drop_tokens": 2}
+    assert open_cache(paths["patch_embed"]).unit_layout == {
+        "layout": "nchw", "output_shape": [3, 4, 8], "units": 3, "grid": [4, 8],
+        "drop_tokens": 0}
+    # the same choices as explicit parameters: in the fingerprint, same maps
+    explicit = record(model, dataset, ["blocks"], tmp_path / "explicit", dtype="float32",
+                      layout="tokens", drop_tokens=2, token_grid=(4, 8), patch_size=4)
+    assert open_cache(explicit["blocks"]).fingerprint["layout"] == {
+        "layout": "tokens", "drop_tokens": 2, "grid": [4, 8], "patch_size": [4, 4]}
+    np.testing.assert_array_equal(CacheReader(explicit["blocks"]).read(0, N_IMAGES),
+                                  CacheReader(paths["blocks"]).read(0, N_IMAGES))
+    # a grid that does not fit is refused before any file is written
+    with pytest.raises(LayerError, match="'blocks': 34 tokens do not fit a 4x4 grid after "
+                                         "dropping 2 leading tokens"):
+        record(model, dataset, ["blocks"], tmp_path / "bad", layout="tokens", token_grid=(4, 4),
+               drop_tokens=2)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(OptionError, match="layout: got 'token'"):
+        record(model, dataset, ["blocks"], tmp_path / "bad", layout="token")
+    with pytest.raises(OptionError, match="drop_tokens given beside LayoutOptions"):
+        record(model, dataset, ["blocks"], tmp_path / "bad", layout=LayoutOptions(),
+               drop_tokens=1)
+
+
+class Needs224(nn.Module):
+    """Refuses any input but 224x224 and does not say so in an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (224, 224):
+            raise ValueError(f"bad input {tuple(x.shape)}")
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def test_fixed_input_size_is_probed_before_any_work(dataset: BrodenDataset,
+                                                    tmp_path: Path) -> None:
+    from torchvision.models import VisionTransformer
+
+    from dissect.errors import ModelError
+    from dissect.record import SmallMapsWarning, check_input_size
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=1,
+                            hidden_dim=4, mlp_dim=8)
+    layer = "encoder.layers.encoder_layer_0"
+    message = (r"model torchvision.models.vision_transformer.VisionTransformer expects 32x32 "
+               r"input images, but the images are 16x32 .*: pass --resize 32 \(resize=32\)")
+    with pytest.raises(ModelError, match=message):
+        record(vit, dataset, [layer], tmp_path)
+    assert not (tmp_path / "cache").exists()      # refused before any cache file
+    assert_no_hooks(vit)
+    with pytest.raises(ModelError, match=message):
+        check_input_size(vit, (16, 32), [layer])
+    with pytest.warns(SmallMapsWarning, match=r"'encoder.layers.encoder_layer_0' has 2x2 unit "
+                                              r"maps at the image size 32x32 \(segmentations "
+                                              r"8x16\).*--resize 64"):
+        paths = record(vit, dataset, [layer], tmp_path, resize=32)
+    assert open_cache(paths[layer]).shape == (N_IMAGES, 4, 2, 2)
+    assert open_cache(paths[layer]).unit_layout["drop_tokens"] == 1
+    # no stated size: a model that works at 224x224 is named with that size
+    with pytest.raises(ModelError, match=r"Needs224 expects 224x224 input images, but the images "
+                                         r"are 16x32.*--resize 224.*bad input \(1, 3, 16, 32\)"):
+        check_input_size(Needs224(), (16, 32), ["conv"])
+    probe = check_input_size(Needs224(), 224, ["conv"])
+    assert probe.shapes == {"conv": (2, 224, 224)} and probe.calls == {"conv": 1}
+    assert probe.notes == ()
+    # a model that fails at every size: its own reason, and a pointer to --resize
+    class Broken(HandConv):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("planned failure")
+
+    with pytest.raises(ModelError, match=r"Broken failed on a 16x32 input image .*: planned "
+                                         r"failure. If it needs another input size, pass --resize"):
+        check_input_size(Broken(), (16, 32), ["conv"])
+
+
+def test_small_maps_get_a_note(dataset: BrodenDataset) -> None:
+    from dissect.record import SmallMapsWarning, check_input_size
+
+    model = TinyViT(patch=8)              # 16x32 images: a 2x4 token grid, segmentations 8x16
+    with pytest.warns(SmallMapsWarning) as caught:
+        probe = check_input_size(model, (16, 32), ["patch_embed", "blocks"], seg_size=(8, 16))
+    assert len(caught) == 2 and probe.notes == tuple(str(w.message) for w in caught)
+    assert probe.notes[1].startswith("layer 'blocks' has 2x4 unit maps at the image size 16x32 "
+                                     "(segmentations 8x16)")
+    assert "--resize 32,64" in probe.notes[1]
+    assert probe.layouts["blocks"]["layout"] == "tokens"
+    # maps as fine as the segmentation, or larger than 4x4, get no note
+    assert check_input_size(model, (16, 32), ["blocks"], seg_size=(2, 4), warn=False).notes == ()
+    assert check_input_size(TinyViT(patch=4), (16, 32), ["blocks"], seg_size=(8, 16)).notes == ()
+
+
+class SharedRelu(nn.Module):
+    """conv -> relu -> conv2 -> relu (the same module twice) -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv2(self.relu(self.conv(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _caches_equal(a: Path, b: Path) -> None:
+    with h5py.File(a) as first, h5py.File(b) as second:
+        assert set(first) == set(second)
+        for key in first:
+            np.testing.assert_array_equal(first[key][:], second[key][:])
+        assert dict(first.attrs) == dict(second.attrs)
+
+
+@pytest.mark.parametrize("layers", [["conv"], ["relu"], ["conv2", "conv"]])
+def test_forward_stops_after_the_last_recorded_layer(dataset: BrodenDataset, tmp_path: Path,
+                                                     layers: list[str]) -> None:
+    model = SharedRelu()
+    called: dict[str, int] = {}
+    handles = [getattr(model, name).register_forward_pre_hook(
+        lambda m, i, name=name: called.__setitem__(name, called.get(name, 0) + 1))
+        for name in ("conv2", "head")]
+    try:
+        stopped = record(model, dataset, layers, tmp_path / "stopped")
+        after_stop = dict(called)
+        called.clear()
+        full = record(model, dataset, layers, tmp_path / "full", stop_early=False)
+        after_full = dict(called)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in layers:
+        _caches_equal(stopped[layer], full[layer])
+    blocks = 3                              # 10 images in blocks of 4, plus the probe forward
+    assert after_full == {"conv2": 1 + blocks, "head": 1 + blocks}
+    # the head never runs in a stopped forward; conv2 only when a recorded layer needs it (the
+    # shared relu is recorded from its last call, after conv2)
+    runs_conv2 = layers != ["conv"]
+    assert after_stop == {"conv2": 1 + blocks * runs_conv2, "head": 1} if runs_conv2 else \
+        after_stop == {"conv2": 1, "head": 1}
+    assert_no_hooks(model)
+
+
+def test_logits_need_the_whole_forward(dataset: BrodenDataset, tmp_path: Path) -> None:
+    model = HandConv()
+    called = []
+    handle = model.head.register_forward_pre_hook(lambda m, i: called.append(1))
+    try:
+        record(model, dataset, ["conv"], tmp_path, logits=True)
+    finally:
+        handle.remove()
+    assert len(called) == 1 + 3
+    assert open_cache(outputs_path(tmp_path)).shape == (N_IMAGES, 3)
+
+
+def test_torchscript_layers_are_refused_before_any_work(dataset: BrodenDataset,
+                                                        tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "model.ts"
+    with pytest.warns(FutureWarning):  # torch.jit.script is deprecated upstream
+        torch.jit.save(torch.jit.script(nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())), str(path))
+    with pytest.raises(LayerError, match=r"layer '0' is part of a TorchScript model, whose inner "
+                                         r"layers cannot be hooked; record from the Python "
+                                         r"model.*--weights"):
+        record(str(path), dataset, ["0"], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------- resume, fingerprints
 KILL_MODEL = """
 import os

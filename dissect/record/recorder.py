@@ -131,7 +131,8 @@ def _resize_text(size: tuple[int, int]) -> str:
 
 def check_input_size(model: nn.Module, size: int | Sequence[int], layers: str | Sequence[str],
                      *, layout: LayoutOptions | Mapping[str, LayoutOptions] | None = None,
-                     seg_size: Sequence[int] | None = None, warn: bool = True) -> InputProbe:
+                     seg_size: Sequence[int] | None = None, warn: bool = True,
+                     stacklevel: int = 2) -> InputProbe:
     """Probe ``model`` with one zero image of ``size`` before recording ``layers`` at that size.
 
     Run it with the dataset's image size after any resize (``record_activations`` does, before
@@ -153,7 +154,7 @@ def check_input_size(model: nn.Module, size: int | Sequence[int], layers: str | 
         :data:`SMALL_MAP_SIZE` x :data:`SMALL_MAP_SIZE` and coarser than it gets a note (and a
         :class:`SmallMapsWarning` when ``warn``) suggesting a larger ``--resize``.
     warn:
-        Issue the notes as warnings.
+        Issue the notes as warnings (``stacklevel`` as for :func:`warnings.warn`).
 
     Returns
     -------
@@ -229,7 +230,7 @@ def check_input_size(model: nn.Module, size: int | Sequence[int], layers: str | 
                          f"--resize {_resize_text(target)}) for finer maps")
     if warn:
         for note in notes:
-            warnings.warn(note, SmallMapsWarning, stacklevel=2)
+            warnings.warn(note, SmallMapsWarning, stacklevel=stacklevel)
     return InputProbe(input_size, shapes, dict(calls), described, tuple(notes))
 
 
@@ -614,7 +615,8 @@ def _probe_dataset_size(model: nn.Module, dataset: Any, layers: Sequence[str],
         seg_size = tuple(dataset.seg_size)
     except (AttributeError, DatasetError):
         seg_size = None
-    return check_input_size(model, size, layers, layout=dict(layouts), seg_size=seg_size)
+    return check_input_size(model, size, layers, layout=dict(layouts), seg_size=seg_size,
+                            stacklevel=4)  # the warning points at record_activations' caller
 
 
 def _record_pass(model: nn.Module, dataset: Any, todo: Mapping[str, CacheState],
