@@ -75,8 +75,38 @@ ABLATION_ROWS = [
     ["single", "unit4", "4", "b", 4, 0.8, 0.5, 0.5, 0.5, 0.4],
     ["single", "unit4", "4", "c", 3, 0.9, 1.0, 1.0, 0.0, 0.1],
     ["single", "pair", "0;2", "a", 5, 0.0, 0.0, 0.0, 0.0, 0.0],
-    ["topn", "baseline", "", "a", 5, 0.1, 0.1, 0.1, 0.1, 0.1],
-    ["topn", "top1:a", "0", "a", 5, 0.0, 0.0, 0.0, 0.0, 0.0],
+    # top-N study (baseline a 0.8, b 0.5 by recall): a:top1 removes unit 1, a:top2 units 1 and 3
+    ["topn", "baseline", "", "a", 5, 0.9, 0.8, 0.8, 0.8, 0.7],
+    ["topn", "baseline", "", "b", 4, 0.8, 0.5, 0.5, 0.5, 0.4],
+    ["topn", "a:top1", "1", "a", 5, 0.8, 0.6, 0.6, 0.6, 0.5],
+    ["topn", "a:top1", "1", "b", 4, 0.8, 0.0, 0.0, 0.0, 0.0],     # another class: not a:top1's
+    ["keep", "a:keep1", "0;2;3;4;5", "a", 5, 0.5, 0.3, 0.3, 0.3, 0.3],
+    ["topn", "a:top2", "1;3", "a", 5, 0.7, 0.4, 0.4, 0.4, 0.4],
+    ["keep", "a:keep2", "0;2;4;5", "a", 5, 0.5, 0.2, 0.2, 0.2, 0.2],
+    ["topn", "b:top1", "1", "b", 4, 0.7, 0.25, 0.25, 0.25, 0.2],
+    ["keep", "b:keep1", "0;2;3;4;5", "b", 4, 0.6, 0.1, 0.1, 0.1, 0.1],
+    ["topn", "b:top2", "1;3", "b", 4, 0.6, 0.1, 0.1, 0.1, 0.1],
+    ["keep", "b:keep2", "0;2;4;5", "b", 4, 0.6, 0.2, 0.2, 0.2, 0.2],
+    # random sets: two of size 1, two of size 2
+    ["random", "baseline", "", "a", 5, 0.9, 0.8, 0.8, 0.8, 0.7],
+    ["random", "baseline", "", "b", 4, 0.8, 0.5, 0.5, 0.5, 0.4],
+    ["random", "baseline", "", "c", 3, 0.95, 1.0, 1.0, 1.0, 0.9],
+    ["random", "random1#0", "0", "a", 5, 0.9, 0.8, 0.8, 0.8, 0.7],
+    ["random", "random1#0", "0", "b", 4, 0.8, 0.5, 0.5, 0.5, 0.4],
+    ["random", "random1#0", "0", "c", 3, 0.9, 0.5, 0.5, 0.5, 0.5],
+    ["random", "random1#1", "5", "a", 5, 0.9, 0.7, 0.7, 0.7, 0.7],
+    ["random", "random1#1", "5", "b", 4, 0.8, 0.4, 0.4, 0.4, 0.4],
+    ["random", "random2#0", "0;5", "a", 5, 0.9, 0.6, 0.6, 0.6, 0.6],
+    ["random", "random2#0", "0;5", "b", 4, 0.8, 0.5, 0.5, 0.5, 0.4],
+    ["random", "random2#1", "2;4", "a", 5, 0.9, 0.8, 0.8, 0.8, 0.7],
+    ["random", "random2#1", "2;4", "b", 4, 0.8, 0.3, 0.3, 0.3, 0.3],
+    # concept "dog" = units 1 and 3: a 0.8 -> 0.5, b unchanged, c 1.0 -> 0.9
+    ["concept", "baseline", "", "a", 5, 0.9, 0.8, 0.8, 0.8, 0.7],
+    ["concept", "baseline", "", "b", 4, 0.8, 0.5, 0.5, 0.5, 0.4],
+    ["concept", "baseline", "", "c", 3, 0.95, 1.0, 1.0, 1.0, 0.9],
+    ["concept", "dog", "1;3", "a", 5, 0.8, 0.5, 0.5, 0.5, 0.5],
+    ["concept", "dog", "1;3", "b", 4, 0.8, 0.5, 0.5, 0.5, 0.4],
+    ["concept", "dog", "1;3", "c", 3, 0.9, 0.9, 0.9, 0.9, 0.8],
 ]
 
 
@@ -100,7 +130,62 @@ def build_synthetic_run(root: Path, dataset_dir: Path, *, quantile: float = 0.05
     dissect_layer(caches[LAYER], dataset, layer=LAYER, quantile=quantile,
                   iou_threshold=iou_threshold, scheduler="synchronous", out_dir=run_dir / LAYER)
     write_ablation_csv(run_dir / LAYER / "ablation.csv", ABLATION_ROWS)
+    write_later_results(run_dir)
     return run_dir
+
+
+#: importance.csv of the synthetic run: unit 1 is among the top units of a and b, unit 4 of c.
+IMPORTANCE_TEXT = """unit,n_classes,classes,label,category,iou
+1,2,a;b,x,object,0.2
+4,1,c,y,object,0.1
+0,0,,z,object,0.3
+"""
+#: compositional.csv: unit 0 gains 0.1 with its formula, unit 2 nothing (mean gain 0.05).
+COMPOSITIONAL_TEXT = """unit,formula,formula_ids,leaves,iou,label,label_iou,categories,optimal
+0,(x OR y) AND NOT <b>z</b>,"[1, 2, 3]",3,0.3,x,0.2,object,yes
+2,x,[1],1,0.15,x,0.15,object,unknown
+"""
+#: significance.csv: unit 0 significant, unit 1 not, unit 2 not computed (empty cell).
+SIGNIFICANCE_TEXT = """unit,label,category,iou,iou0,fisher_or,fisher_p,perm_p,null_mean,null_sd,z,q,ci_low,ci_high,significant
+0,x,object,0.3,0.01,5.0,0.001,0.0099,0.02,0.01,28.0,0.03,,,yes
+1,y,object,0.05,0.04,1.1,0.4,0.5,0.05,0.01,0.0,0.6,,,no
+2,z,object,0.02,0.02,1.0,0.5,0.7,0.02,0.01,0.0,0.8,,,
+"""
+#: significance.h5 arrays: observed (U,) and a null of B = 4 permutations (B, U).
+NULL_OBSERVED = np.array([0.3, 0.05, 0.02, 0.0, 0.1, 0.1])
+NULL_VALUES = np.array([[0.01, 0.05, 0.02, 0.0, 0.2, 0.0],
+                        [0.02, 0.06, 0.01, 0.0, 0.1, 0.0],
+                        [0.03, 0.04, 0.03, 0.0, 0.0, 0.0],
+                        [0.3, 0.05, 0.00, 0.0, 0.05, 0.0]])
+
+
+def write_later_results(run_dir: Path) -> None:
+    """Hand-made importance.csv, compositional.csv, significance.csv/.h5 and an explanation set
+    (explain/demo.json with three PNG maps) in the synthetic run."""
+    layer_dir = run_dir / LAYER
+    (layer_dir / "importance.csv").write_text(IMPORTANCE_TEXT)
+    (layer_dir / "compositional.csv").write_text(COMPOSITIONAL_TEXT)
+    (layer_dir / "significance.csv").write_text(SIGNIFICANCE_TEXT)
+    with h5py.File(layer_dir / "significance.h5", "w") as f:
+        f["observed"] = NULL_OBSERVED
+        f["null"] = NULL_VALUES
+    explain = run_dir / "explain" / "demo"
+    explain.mkdir(parents=True)
+    for i, name in enumerate(["image.png", "gradcam.png", "dog.png", "saliency.png"]):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(explain / name)
+    entry = {"image": "img<1>.jpg", "target": 2, "target_name": "kitchen", "logit": 3.5,
+             "bias": 0.5, "residual": 0.0, "method": "grad_x_act", "layer": LAYER,
+             "units": [{"unit": 3, "contribution": 2.0, "label": "dog", "iou": 0.2}],
+             "concepts": [{"label": "dog", "category": "object", "contribution": 2.0,
+                           "share": 0.8, "units": [3]},
+                          {"label": "sky", "category": "object", "contribution": 0.5,
+                           "share": 0.2, "units": [1]}],
+             "unlabeled": {"contribution": 0.5, "units": [0, 2]},
+             "maps": [{"kind": "image", "title": "image", "path": "demo/image.png"},
+                      {"kind": "gradcam", "title": "Grad-CAM", "path": "demo/gradcam.png"},
+                      {"kind": "concept", "title": "dog", "path": "demo/dog.png"},
+                      {"kind": "saliency", "title": "saliency", "path": "demo/saliency.png"}]}
+    (run_dir / "explain" / "demo.json").write_text(json.dumps([entry]))
 
 
 _SHARED_RUNS: dict[Path, Path] = {}
@@ -430,7 +515,8 @@ def _hand_model(label: str) -> dict:
     top = np.array([[1, 0], [0, 1]])
     layer = rdata.layer_data(result, top, np.ones((2, 2), np.float32), ["a.jpg", "b.jpg"], None)
     return {"schema_version": 1, "model": "net<b>", "weights": None, "dataset": "/d", "n_images": 2,
-            "top_k": 2, "categories": ["object", "scene"], "layers": [layer], "missing_layers": []}
+            "top_k": 2, "quantile": 0.005, "categories": ["object", "scene"], "layers": [layer],
+            "missing_layers": [], "explanations": []}
 
 
 def test_templates_escape_untrusted_names(tmp_path: Path) -> None:
@@ -509,7 +595,32 @@ def test_report_json_matches_dissection_and_cache(synthetic_run: Path, rendered:
         ious = [n["iou"] for n in unit["next"]]
         assert ious == sorted(ious, reverse=True) and all(v <= unit["iou"] + 1e-9 for v in ious)
     assert names  # labels present
-    assert layer["ablation"] == {"study": "single", "metric": "recall"}
+    assert layer["ablation"]["metric"] == "recall" and layer["ablation"]["single"]
+    assert layer["ablation"]["studies"] == ["single", "topn", "keep", "random", "concept"]
+    assert layer["ablation"]["headline"] == {"n": 2, "classes": 2, "topn_drop": 0.4,
+                                             "random_drop": 0.1}
+    assert [u["damage"] for u in layer["units"]] == [None, 0.25, None, 0.1, 1.0, None]
+    assert layer["scatter"]["y"] == "damage"
+    assert [(p["unit"], p["value"]) for p in layer["scatter"]["points"]] == [
+        (1, 0.25), (3, 0.1), (4, 1.0)]
+    assert [u["important_for"] for u in layer["units"]] == [[], ["a", "b"], None, None, ["c"],
+                                                            None]
+    assert layer["compositional"] == {"units": 2, "mean_gain": 0.05, "mean_iou": 0.225}
+    assert layer["units"][0]["formula"]["gain"] == 0.1
+    detector = layer["units"][0]["detector"]
+    assert layer["significance"] == {"tested": 2, "significant": 1, "share": 0.5,
+                                     "detectors": int(detector) + int(layer["units"][1]["detector"]),
+                                     "detectors_significant": int(detector)}
+    assert [u["significance"]["significant"] if u["significance"] else None
+            for u in layer["units"]] == [True, False, None, None, None, None]
+    # unit 0: top = max(0.3, 0.3) -> width 0.025; null 0.01, 0.02 -> bin 0, 0.03 -> 1, 0.3 -> 11
+    assert layer["units"][0]["null"]["counts"] == [2, 1] + [0] * 9 + [1]
+    assert layer["units"][0]["null"]["exceed"] == 1
+    assert [u["tally_unit"] for u in layer["units"]] == [1, 2, 3, 4, 5, 6]
+    assert sorted(layer["files"]) == ["ablation.csv", "compositional.csv", "importance.csv",
+                                      "significance.csv", "tally.csv"]
+    assert (rendered.parent / layer["files"]["tally.csv"]).read_bytes() == \
+        (synthetic_run / LAYER / "tally.csv").read_bytes()
     assert [e["class"] for e in layer["units"][1]["ablation"]] == ["b", "a"]
     assert [e["class"] for e in layer["units"][3]["ablation"]] == ["b", "a"]
     assert [e["class"] for e in layer["units"][4]["ablation"]] == ["c"]
@@ -550,7 +661,11 @@ def test_index_page_lists_layers_and_counts(synthetic_run: Path, rendered: Path)
     cells = [c.split(">", 1)[1] for c in row.split("<td")[1:]]
     cells = [c[: c.index("</td>")] for c in cells]
     assert cells[3:] == [str(d["units"]) for d in layer["detectors"]] + [
-        str(layer["n_detectors"]), str(layer["n_concepts"])]
+        str(layer["n_detectors"]), str(layer["n_concepts"]), "50.0 %", "+0.050",
+        "top 2: &minus;0.400 vs random &minus;0.100"]
+    assert ("removing each class's top 2 units costs 0.400 recall on average (2 classes), "
+            "against 0.100 for 2 random units") in text
+    assert '<a href="explain_demo.html">demo</a> (1)' in text
     assert "Not dissected yet: head" in text
     assert "<svg" in text
 
@@ -561,7 +676,8 @@ def test_render_twice_gives_identical_bytes(synthetic_run: Path, rendered: Path,
     first = sorted(p.relative_to(rendered.parent) for p in rendered.parent.rglob("*")
                    if p.is_file())
     second = sorted(p.relative_to(again.parent) for p in again.parent.rglob("*") if p.is_file())
-    assert first == second and len(first) == 3 + N_UNITS
+    # report.json, index, layer page, strips, 5 result files, explanation page and its 4 maps
+    assert first == second and len(first) == 3 + N_UNITS + 5 + 1 + 4
     for rel in first:
         assert (rendered.parent / rel).read_bytes() == (again.parent / rel).read_bytes(), rel
 

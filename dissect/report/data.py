@@ -417,6 +417,39 @@ def ablation_effects(
 # The whole data model
 
 
+def image_level_mask(dataset: Any, n_labels: int) -> np.ndarray:
+    """bool (L,): labels given to some image as an image-level label (index.csv digits entries:
+    scenes, many textures), from ``dataset.image_level_labels(category)`` of every category."""
+    mask = np.zeros(n_labels, dtype=bool)
+    for category in getattr(dataset, "categories", ()):
+        for labels in dataset.image_level_labels(category):
+            labels = np.asarray(labels, dtype=np.int64)
+            labels = labels[(labels > 0) & (labels < n_labels)]
+            mask[labels] = True
+    return mask
+
+
+def scatter_points(units: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Importance against interpretability: one point per unit with an importance value.
+
+    The y value is the unit's ``damage`` (largest single-unit drop of the metric over classes)
+    when any unit has one, else the number of classes the unit is important for
+    (importance.csv). Returns ``{"y": "damage" | "n_classes", "points": [{"unit", "iou", "value",
+    "label", "category"}]}`` in unit order, or None when no unit has either value.
+    """
+    if any(u["damage"] is not None for u in units):
+        key = "damage"
+        points = [(u, u["damage"]) for u in units if u["damage"] is not None]
+    elif any(u["important_for"] is not None for u in units):
+        key = "n_classes"
+        points = [(u, len(u["important_for"])) for u in units if u["important_for"] is not None]
+    else:
+        return None
+    return {"y": key, "points": [{"unit": u["unit"], "iou": u["iou"], "value": v,
+                                  "label": u["label"], "category": u["category"]}
+                                 for u, v in points]}
+
+
 def layer_data(
     result: Any,
     top_indices: np.ndarray,
@@ -425,6 +458,14 @@ def layer_data(
     effects: list[list[dict[str, Any]]] | None,
     *,
     metric: str = ABLATION_METRIC,
+    ablation: dict[str, Any] | None = None,
+    damage: Sequence[float | None] | None = None,
+    importance: Sequence[list[str] | None] | None = None,
+    formulas: Sequence[dict[str, Any] | None] | None = None,
+    significance: Sequence[dict[str, Any] | None] | None = None,
+    null_histograms: Sequence[dict[str, Any]] | None = None,
+    image_level: np.ndarray | None = None,
+    files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The data model of one layer.
 
@@ -435,9 +476,19 @@ def layer_data(
         iou_threshold)
     top_indices, top_values : (U, k) from :func:`top_images`
     image_names : (N,) image paths relative to the dataset's ``images/``
-    effects : per unit hurt classes from :func:`ablation_effects`, or None without ablation.csv
+    effects : per unit hurt classes from :func:`ablation_effects` (the single study), or None
     metric : the ablation metric of ``effects``
+    ablation : :func:`dissect.report.studies.ablation_view` of ablation.csv, or None
+    damage : (U,) from :func:`dissect.report.studies.unit_damage`
+    importance : (U,) from :func:`dissect.report.studies.read_importance`
+    formulas : (U,) from :func:`dissect.report.studies.read_compositional`
+    significance : (U,) from :func:`dissect.report.studies.read_significance`
+    null_histograms : (U,) from :func:`dissect.report.studies.read_null_histograms`
+    image_level : bool (L,), labels that are image-level (:func:`image_level_mask`)
+    files : name -> path relative to the report directory of the layer's result files
     """
+    from dissect.report import studies
+
     layer = str(result.layer)
     categories = [str(c) for c in result.categories]
     names = [str(x) for x in list(result.label_names)]
@@ -453,6 +504,8 @@ def layer_data(
     allowed = (primary >= 0) & (np.arange(primary.shape[0]) != 0)
     next_labels, next_ious = next_best_labels(np.asarray(result.iou), unit_label, allowed)
     file_name = safe_file_name(layer)
+    if image_level is None:
+        image_level = np.zeros(len(names), dtype=bool)
 
     units = []
     for u in range(n_units):
@@ -461,8 +514,10 @@ def layer_data(
         units.append(
             {
                 "unit": u,
+                "tally_unit": u + 1,
                 "label": names[lab] if has_label else "-",
                 "category": unit_category[u] if has_label else "",
+                "image_level": bool(has_label and lab < len(image_level) and image_level[lab]),
                 "iou": round_float(unit_iou[u]),
                 "detector": bool(detectors[u]),
                 "threshold": round_float(thresholds[u]),
@@ -477,10 +532,22 @@ def layer_data(
                 ],
                 "strip": f"img/{file_name}/unit_{u:04d}.jpg",
                 "ablation": [] if effects is None else effects[u],
+                "damage": None if damage is None else damage[u],
+                "important_for": None if importance is None else importance[u],
+                "formula": None if formulas is None else formulas[u],
+                "significance": None if significance is None else significance[u],
+                "null": None if null_histograms is None else null_histograms[u],
             }
         )
     counts = detector_counts(unit_label, unit_category, detectors, categories)
     n_concepts = int(np.unique(unit_label[detectors]).size)
+    view = None
+    if ablation is not None or effects is not None:
+        view = dict(ablation) if ablation is not None else {
+            "metric": metric, "studies": ["single"], "curves": [], "mean_curve": None,
+            "headline": None, "concepts": []}
+        view["metric"] = metric
+        view["single"] = effects is not None
     return {
         "name": layer,
         "page": f"{file_name}.html",
@@ -492,7 +559,12 @@ def layer_data(
         "n_concepts": n_concepts,
         "concepts": concept_bars(unit_label, unit_category, detectors, names, categories),
         "iou_histogram": iou_histogram(unit_iou),
-        "ablation": None if effects is None else {"study": "single", "metric": metric},
+        "ablation": view,
+        "scatter": scatter_points(units),
+        "compositional": None if formulas is None else studies.compositional_summary(formulas),
+        "significance": None if significance is None
+        else studies.significance_summary(significance, detectors),
+        "files": dict(files or {}),
         "units": units,
     }
 
@@ -515,6 +587,54 @@ def amax_reader(run_dir: Path, layer: str) -> tuple[Callable[[int, int], np.ndar
     info = open_cache(path)
     reader = CacheReader(path, name="amax")
     return reader.read, int(info.n_images), int(info.n_units)
+
+
+#: Result files of a layer that the report copies beside its pages and links to (in this order).
+LAYER_FILES = ("tally.csv", "ablation.csv", "importance.csv", "compositional.csv",
+               "significance.csv")
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a run directory as a dict (the report's one reader of it)."""
+    from dissect.run import read_run
+
+    return read_run(run_dir)
+
+
+def layer_results(run_dir: Path, layer: str, n_units: int, metric: str) -> dict[str, Any]:
+    """The keyword arguments of :func:`layer_data` read from a layer's result files, each only
+    when its file exists: ablation.csv (``effects`` from the single study, ``ablation``,
+    ``damage``), importance.csv, compositional.csv, significance.csv and significance.h5
+    (``null_histograms``), and ``files`` (the existing :data:`LAYER_FILES`)."""
+    from dissect.report import studies
+
+    layer_dir = Path(run_dir) / layer
+    out: dict[str, Any] = {"effects": None}
+    path = layer_dir / "ablation.csv"
+    if path.exists():
+        rows = read_ablation_csv(path)
+        records = studies.ablation_records(rows, n_units, metric, path=path)
+        view = studies.ablation_view(records, n_units, metric)
+        out["ablation"] = view
+        if "single" in view["studies"]:
+            out["effects"] = ablation_effects(rows, n_units, metric, path=path)
+            out["damage"] = studies.unit_damage(records, n_units)
+    path = layer_dir / "importance.csv"
+    if path.exists():
+        out["importance"] = studies.read_importance(path, n_units)
+    path = layer_dir / "compositional.csv"
+    if path.exists():
+        out["formulas"] = studies.read_compositional(path, n_units)
+    path = layer_dir / "significance.csv"
+    if path.exists():
+        out["significance"] = studies.read_significance(path, n_units)
+    path = layer_dir / "significance.h5"
+    if path.exists():
+        out["null_histograms"] = studies.read_null_histograms(path, n_units)
+    file_name = safe_file_name(layer)
+    out["files"] = {name: f"files/{file_name}/{name}" for name in LAYER_FILES
+                    if (layer_dir / name).is_file()}
+    return out
 
 
 def build_report_data(
@@ -548,7 +668,7 @@ def build_report_data(
     OptionError
         For a bad ``top_k`` or ``ablation_metric``.
     """
-    from dissect.run import read_run
+    from dissect.report.explain import read_explanations
     from dissect.tally import load_dissection
 
     if top_k < 1:
@@ -558,12 +678,13 @@ def build_report_data(
             f"ablation_metric {ablation_metric!r} is not one of {', '.join(ABLATION_METRICS)}"
         )
     run_dir = Path(run_dir)
-    run = read_run(run_dir)
+    run = read_run_record(run_dir)
     config = run.get("config", {})
     layers = [str(x) for x in config.get("layers") or []]
     if dataset is None:
         dataset = open_run_dataset(run_dir, config)
     image_names = list(dataset.image_names)
+    image_level: np.ndarray | None = None
 
     out_layers: list[dict[str, Any]] = []
     missing: list[str] = []
@@ -574,6 +695,8 @@ def build_report_data(
             missing.append(layer)
             continue
         result = load_dissection(layer_dir)
+        if image_level is None:
+            image_level = image_level_mask(dataset, len(result.label_names))
         read, n_images, n_units = amax_reader(run_dir, layer)
         if n_images != len(image_names):
             raise CacheError(
@@ -588,13 +711,10 @@ def build_report_data(
             )
         chunk = max(1, AMAX_CHUNK_VALUES // max(1, n_units))
         top_idx, top_val = top_images(read, n_images, top_k, chunk)
-        ablation_path = layer_dir / "ablation.csv"
-        effects = None
-        if ablation_path.exists():
-            effects = ablation_effects(
-                read_ablation_csv(ablation_path), n_units, ablation_metric, path=ablation_path
-            )
-        data = layer_data(result, top_idx, top_val, image_names, effects, metric=ablation_metric)
+        results = layer_results(run_dir, layer, n_units, ablation_metric)
+        effects = results.pop("effects")
+        data = layer_data(result, top_idx, top_val, image_names, effects, metric=ablation_metric,
+                          image_level=image_level, **results)
         for c in data["categories"]:
             if c not in categories:
                 categories.append(c)
@@ -615,7 +735,9 @@ def build_report_data(
         "dataset": str(config.get("dataset", "")),
         "n_images": len(image_names),
         "top_k": top_k,
+        "quantile": None if config.get("quantile") is None else float(config["quantile"]),
         "categories": categories,
         "layers": out_layers,
         "missing_layers": missing,
+        "explanations": read_explanations(run_dir / "explain"),
     }

@@ -220,6 +220,152 @@ def layers_chart(layers: Sequence[dict[str, Any]], colors: dict[str, str], *,
     }
 
 
+#: Per-class ablation charts drawn on a layer page (the data model keeps every class).
+MAX_CURVE_CHARTS = 24
+#: Colours of the ablation curves: top-N removed, random sets, only top-N kept.
+CURVE_COLORS = {"removed": "#d32f2f", "random": "#546e7a", "kept": "#2e7d32"}
+
+
+def axis_ticks(low: float, high: float, max_ticks: int = 6) -> list[float]:
+    """Ticks ``k * s`` covering [low, high] (low <= 0 <= high assumed or not), s from
+    :func:`nice_ticks` of the span; ``[0, 1]`` for an empty span."""
+    low, high = min(0.0, low), max(0.0, high)
+    if high - low <= 0:
+        return [0.0, 1.0]
+    step = nice_ticks(high - low, max_ticks)[1]
+    first = math.floor(low / step + 1e-9)
+    last = math.ceil(high / step - 1e-9)
+    return [round(k * step, 10) for k in range(first, last + 1)]
+
+
+def curve_chart(curve: dict[str, Any], *, width: int = 300, height: int = 150) -> dict[str, Any]:
+    """Layout of one ablation chart: the metric (y, 0..1) against N (x, the distinct set sizes
+    at equal spacing, as on a log axis for 1, 2, 4, ...).
+
+    Parameters
+    ----------
+    curve : one entry of ``layer["ablation"]["curves"]`` (or its ``mean_curve``)
+
+    Returns
+    -------
+    ``{"width", "height", "plot", "yticks", "xticks": [{"x", "text"}], "removed": "points",
+    "kept": "points", "random": "points", "band": "points" (min..max polygon), "dots":
+    [{"x", "y", "color", "title"}], "colors"}``; a series with no point gives ``""``.
+    """
+    left, top, bottom_space, right = 34, 8, 30, 8
+    sizes = sorted({p["n"] for key in ("removed", "kept", "random") for p in curve[key]})
+    plot_w = width - left - right
+    step = plot_w / max(1, len(sizes) - 1)
+    xs = {n: round(left + (i * step if len(sizes) > 1 else plot_w / 2), 1)
+          for i, n in enumerate(sizes)}
+    bottom = top + height
+
+    def y(v: float) -> float:
+        return round(bottom - min(1.0, max(0.0, v)) * height, 1)
+
+    def line(points: list[tuple[float, float]]) -> str:
+        return " ".join(f"{px},{py}" for px, py in points)
+
+    dots = []
+    series = {}
+    for key, field in (("removed", "value"), ("kept", "value"), ("random", "mean")):
+        pts = [(xs[p["n"]], y(p[field])) for p in curve[key]]
+        series[key] = line(pts)
+        for p, (px, py) in zip(curve[key], pts):
+            extra = (f" (sd {p['sd']:.3f}, min {p['min']:.3f}, max {p['max']:.3f}, "
+                     f"{p['repeats']} sets)") if key == "random" and p["repeats"] else ""
+            dots.append({"x": px, "y": py, "color": CURVE_COLORS[key],
+                         "title": f"{key} N={p['n']}: {p[field]:.3f}{extra}"})
+    upper = [(xs[p["n"]], y(p["max"])) for p in curve["random"]]
+    lower = [(xs[p["n"]], y(p["min"])) for p in curve["random"]][::-1]
+    return {
+        "width": width, "height": bottom + bottom_space,
+        "plot": _plot_box(left, top, height, width - right),
+        "yticks": _y_ticks([0.0, 0.25, 0.5, 0.75, 1.0], bottom, height),
+        "xticks": [{"x": xs[n], "text": str(n)} for n in sizes],
+        "removed": series["removed"], "kept": series["kept"], "random": series["random"],
+        "band": line(upper + lower) if len(upper) > 1 else "",
+        "dots": dots, "colors": CURVE_COLORS,
+    }
+
+
+def scatter_chart(scatter: dict[str, Any], colors: dict[str, str], iou_threshold: float, *,
+                  width: int = 520, height: int = 220) -> dict[str, Any]:
+    """Layout of the importance-versus-interpretability scatter: x = the unit's IoU, y = its
+    damage (or number of classes), one dot per unit coloured by category (grey: no label).
+
+    Returns
+    -------
+    ``{"width", "height", "plot", "yticks", "xticks", "dots": [{"x", "y", "color", "title",
+    "unit"}], "threshold_x", "zero_y", "y_label", "legend_y", "legend"}``.
+    """
+    left, top, bottom_space, right = 44, 10, 34, 10
+    points = scatter["points"]
+    values = [p["value"] for p in points]
+    ious = [p["iou"] for p in points]
+    yt = axis_ticks(min(values, default=0.0), max(values, default=0.0))
+    xt = nice_ticks(max(max(ious, default=0.0), iou_threshold), 5)
+    plot_w = width - left - right
+    sx = plot_w / xt[-1]
+    sy = height / (yt[-1] - yt[0])
+    bottom = top + height
+
+    def y(v: float) -> float:
+        return round(bottom - (v - yt[0]) * sy, 1)
+
+    dots = [{"x": round(left + p["iou"] * sx, 1), "y": y(p["value"]), "unit": p["unit"],
+             "color": colors.get(p["category"], MISSING_COLOR) if p["category"] else MISSING_COLOR,
+             "title": f"unit {p['unit']}: {p['label']} ({p['category'] or 'no label'}), IoU "
+                      f"{p['iou']:.3f}, {scatter['y']} {p['value']:g}"}
+            for p in points]
+    used = _unique([p["category"] for p in points if p["category"]])
+    legend = _legend([c for c in colors if c in used], colors, left)
+    return {
+        "width": max(width, left + len(legend) * LEGEND_STEP), "height": bottom + bottom_space + 22,
+        "plot": _plot_box(left, top, height, width - right),
+        "yticks": [{"y": y(t), "text": f"{t:g}"} for t in yt],
+        "xticks": [{"x": round(left + t * sx, 1), "text": f"{t:g}"} for t in xt],
+        "dots": dots, "threshold_x": round(left + iou_threshold * sx, 1), "zero_y": y(0.0),
+        "y_label": "largest class drop" if scatter["y"] == "damage" else "classes important for",
+        "legend_y": bottom + bottom_space, "legend": legend,
+    }
+
+
+def null_chart(null: dict[str, Any], *, width: int = 120, height: int = 26) -> dict[str, Any]:
+    """Layout of a unit's small null histogram: bars of the permutation null and a red line at
+    the observed IoU. Returns ``{"width", "height", "bars": [{"x", "y", "w", "h"}],
+    "observed_x", "title"}``."""
+    counts = null["counts"]
+    top = max(counts, default=0) or 1
+    edges = null["edges"]
+    span = (edges[-1] - edges[0]) or 1.0
+    bar_w = width / max(1, len(counts))
+    bars = [{"x": round(i * bar_w, 1), "w": round(max(0.5, bar_w - 1), 1),
+             "h": round(c / top * (height - 2), 1), "y": round(height - c / top * (height - 2), 1)}
+            for i, c in enumerate(counts)]
+    x_obs = round(min(1.0, (null["observed"] - edges[0]) / span) * (width - 1), 1)
+    total = sum(counts)
+    return {"width": width, "height": height, "bars": bars, "observed_x": x_obs,
+            "title": f"null of {total} permutations, {null['exceed']} at or above the observed "
+                     f"IoU {null['observed']:.3f}"}
+
+
+def ablation_charts(layer: dict[str, Any]) -> dict[str, Any] | None:
+    """Charts of a layer's ablation view: ``{"mean": curve_chart | None, "classes":
+    [curve_chart with "class" and "n"] (the first :data:`MAX_CURVE_CHARTS`), "hidden": int}``."""
+    view = layer["ablation"]
+    if view is None:
+        return None
+    charts = []
+    for curve in view["curves"][:MAX_CURVE_CHARTS]:
+        chart = curve_chart(curve)
+        chart["class"], chart["n"] = curve["class"], curve["n"]
+        charts.append(chart)
+    mean = view["mean_curve"]
+    return {"mean": curve_chart(mean, width=420, height=190) if mean else None,
+            "classes": charts, "hidden": max(0, len(view["curves"]) - MAX_CURVE_CHARTS)}
+
+
 def detector_table(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows of the index page's table: per layer, one cell per run category (``None`` where the
     layer was not dissected for that category) with its detector units and unique concepts."""
@@ -232,6 +378,10 @@ def detector_table(data: dict[str, Any]) -> list[dict[str, Any]]:
                 "iou_threshold": layer["iou_threshold"], "n_detectors": layer["n_detectors"],
                 "n_concepts": layer["n_concepts"],
                 "cells": [by_cat.get(c) for c in data["categories"]],
+                "significance": layer.get("significance"),
+                "compositional": layer.get("compositional"),
+                "headline": (layer["ablation"] or {}).get("headline"),
+                "metric": (layer["ablation"] or {}).get("metric"),
             }
         )
     return rows
@@ -249,6 +399,11 @@ def layout_report(data: dict[str, Any]) -> dict[str, Any]:
             layer["name"]: {
                 "concepts": concept_chart(layer["concepts"], colors),
                 "histogram": histogram_chart(layer["iou_histogram"], layer["iou_threshold"]),
+                "ablation": ablation_charts(layer),
+                "scatter": None if layer.get("scatter") is None
+                else scatter_chart(layer["scatter"], colors, layer["iou_threshold"]),
+                "nulls": {u["unit"]: null_chart(u["null"]) for u in layer["units"]
+                          if u.get("null") is not None},
             }
             for layer in data["layers"]
         },
@@ -396,8 +551,16 @@ def write_layer_strips(
         handle.close()
 
 
+def image_root_uri(dataset: str) -> str:
+    """``file://`` URI of the dataset's ``images/`` folder (the lightbox links the originals
+    there); ``""`` when the dataset path is not absolute."""
+    path = Path(dataset)
+    return (path / "images").as_uri() + "/" if path.is_absolute() else ""
+
+
 def render_pages(data: dict[str, Any], out_dir: Path, thumbnail_shape: tuple[int, int]) -> Path:
-    """Write report.json, index.html and one page per layer from the data model.
+    """Write report.json, index.html, one page per layer and one per explanation set from the
+    data model.
 
     ``thumbnail_shape`` (th, tw) sizes the strip ``<img>`` elements. Returns the index.html path.
     """
@@ -409,7 +572,8 @@ def render_pages(data: dict[str, Any], out_dir: Path, thumbnail_shape: tuple[int
     _write_text(out_dir / "report.json", dumps_report_json(data))
     th, tw = thumbnail_shape
     k = data["top_k"]
-    strip = {"height": th, "width": k * tw + (k - 1) * STRIP_GAP}
+    strip = {"height": th, "width": k * tw + (k - 1) * STRIP_GAP, "tile": tw, "gap": STRIP_GAP,
+             "image_root": image_root_uri(data["dataset"])}
     index = out_dir / "index.html"
     _write_text(index, env.get_template("index.html").render(report=data, view=view))
     layer_template = env.get_template("layer.html")
@@ -418,7 +582,23 @@ def render_pages(data: dict[str, Any], out_dir: Path, thumbnail_shape: tuple[int
             report=data, layer=layer, chart=view["charts"][layer["name"]], view=view, strip=strip
         )
         _write_text(out_dir / layer["page"], text)
+    explain_template = env.get_template("explain.html")
+    for page in data.get("explanations", []):
+        _write_text(out_dir / page["page"], explain_template.render(report=data, page=page))
     return index
+
+
+def copy_layer_files(run_dir: Path, data: dict[str, Any], out_dir: Path) -> None:
+    """Copy each layer's result files (``layer["files"]``: tally.csv, ablation.csv, ...) from
+    ``run_dir/<layer>/`` to their place under ``out_dir`` so the report links them as one
+    folder."""
+    import shutil
+
+    for layer in data["layers"]:
+        for name, rel in layer["files"].items():
+            target = out_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(run_dir) / layer["name"] / name, target)
 
 
 def render_report(
@@ -441,8 +621,10 @@ def render_report(
     thumbnail_height : strip thumbnail height in pixels
     ablation_metric : accuracy | balanced_accuracy | precision | recall | true_class_prob
 
-    Writes ``report.json`` (the data model), ``index.html``, ``<layer>.html`` per dissected layer
-    and ``img/<layer>/unit_NNNN.jpg`` (one strip per unit). Identical inputs give identical bytes.
+    Writes ``report.json`` (the data model), ``index.html``, ``<layer>.html`` per dissected layer,
+    ``img/<layer>/unit_NNNN.jpg`` (one strip per unit), ``files/<layer>/`` (copies of the layer's
+    tally.csv, ablation.csv, importance.csv, compositional.csv, significance.csv when present) and
+    ``explain_<name>.html`` with the maps under ``explain/`` for each ``RUN_DIR/explain/<name>.json``. Identical inputs give identical bytes.
 
     Raises
     ------
@@ -450,6 +632,7 @@ def render_report(
         As :func:`build_report_data`, and for a bad ``thumbnail_height``.
     """
     from dissect.errors import OptionError
+    from dissect.report.explain import copy_explanation_maps
     from dissect.report.images import thumbnail_shape
     from dissect.tally import load_dissection
 
@@ -468,5 +651,7 @@ def render_report(
     for layer in data["layers"]:
         thresholds = np.asarray(load_dissection(run_dir / layer["name"]).thresholds)
         write_layer_strips(run_dir, layer, thresholds, dataset, out, thumbnail_height)
+    copy_layer_files(run_dir, data, out)
+    copy_explanation_maps(data["explanations"], run_dir / "explain", out)
     shape = thumbnail_shape(tuple(dataset.image_size), thumbnail_height)
     return render_pages(data, out, shape)
