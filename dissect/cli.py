@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     tally.add_argument("--layers", nargs="+", help="layers (default: every recorded layer)")
     tally.add_argument("--force", action="store_true", help="recompute even when up to date")
     add_options(tally, ("tally",))
+    _quiet_option(tally)
 
     ablate = sub.add_parser("ablate", help="per-class effects of removing units")
     _run_option(ablate)
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "recorded layer)")
     add_options(ablate, ("ablate",), skip=("ablation_layers",))
     ablate.add_argument("--scheduler", help="Dask scheduler (default: the run's)")
+    _quiet_option(ablate)
 
     report = sub.add_parser("report", help="render the HTML report of a run")
     report.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory")
@@ -181,7 +183,8 @@ def cmd_tally(args: argparse.Namespace) -> int:
     from dissect.tally import format_detectors
 
     config = _run_config(args.out, args, ("tally",))
-    results = tally_stage(config, args.layers, force=args.force, save_config=True)
+    results = tally_stage(config, args.layers, force=args.force, save_config=True,
+                          progress=_progress(args))
     for layer, result in results.items():
         print(f"{format_detectors(result)}; {Path(args.out) / layer / 'tally.csv'}")
     return 0
@@ -196,7 +199,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if "concept" in config.ablation_studies and not config.concept:
         raise OptionError("--study concept needs --concept NAME")
     options = {"dataset": str(Path(args.dataset).resolve())} if args.dataset else {}
-    results = ablation_stage(config, save_config=True, **options)
+    results = ablation_stage(config, save_config=True, progress=_progress(args), **options)
     for layer, studies in results.items():
         for study, result in studies.items():
             print(f"{layer}: {study} study written to {result.csv_path}")
@@ -220,7 +223,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dissect.run import run_pipeline
 
     config = config_from_options(given_options(args), config_file=args.config)
-    print(f"report: {run_pipeline(config, force=args.force, progress=_progress(args))}")
+    summary: list[str] = []
+    index = run_pipeline(config, force=args.force, progress=_progress(args), summary=summary)
+    for line in summary:
+        print(line)
+    print(f"report: {index}")
     return 0
 
 

@@ -38,6 +38,8 @@ __all__ = [
     "Option",
     "RunConfig",
     "check_quantile",
+    "check_iou_threshold",
+    "default_of",
     "check_scheduler",
     "check_normalisation",
     "check_choice",
@@ -124,9 +126,15 @@ def _positive(option: str) -> Callable[[Any], None]:
     return check
 
 
-def _iou_threshold(value: Any) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+def check_iou_threshold(value: Any) -> float:
+    """The IoU cut-off of a detector: a number in [0, 1] (OptionError)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not (math.isfinite(number) and 0.0 <= number <= 1.0):
         raise OptionError(f"--iou-threshold: expected a number in [0, 1], got {value!r}")
+    return number
 
 
 def _sizes(value: Any) -> None:
@@ -263,7 +271,7 @@ class RunConfig:
     categories: tuple[str, ...] | None = _option("tally", "categories to use (default all)",
                                                  None, many=True)
     iou_threshold: float = _option("tally", "IoU at which a unit counts as a detector", 0.04,
-                                   parse="float", check=_iou_threshold)
+                                   parse="float", check=check_iou_threshold)
     scheduler: str = _option("tally", "Dask scheduler: threads, processes, synchronous, or "
                                       "tcp://host:port", "threads", check=check_scheduler)
     ablate: bool = _option("run", "also run the ablation studies", False, parse="flag")
@@ -379,6 +387,11 @@ def _check_field_type(where: str, name: str, annotation: str, value: Any) -> Non
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def default_of(name: str) -> Any:
+    """The default of RunConfig field ``name`` (what the Python API uses when it is omitted)."""
+    return _FIELDS[name].default
 
 
 def options_of(stages: Iterable[str]) -> list[str]:

@@ -9,12 +9,13 @@ it took. Paths come from :class:`dissect.rundir.RunDir`, options from
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,40 @@ def _note(message: str) -> None:
     print(f"dissect: {message}", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def task_progress(description: str, enabled: bool = True) -> Iterator[None]:
+    """A tqdm bar on stderr counting the Dask tasks that finish inside the block (local
+    schedulers: threads, processes, synchronous; a distributed cluster shows its own
+    dashboard). Off when ``enabled`` is false."""
+    if not enabled:
+        yield
+        return
+    from dask.callbacks import Callback
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=description, unit="task", leave=False, file=sys.stderr)
+
+    class _Bar(Callback):
+        def _start_state(self, dsk: Any, state: Any) -> None:
+            bar.total = (bar.total or 0) + len(state["ready"]) + len(state["waiting"]) \
+                + len(state["running"]) + len(state["finished"])
+            bar.refresh()
+
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any
+                      ) -> None:
+            bar.update(1)
+
+    try:
+        with _Bar():
+            yield
+    finally:
+        bar.close()
+
+
 # --- record ---------------------------------------------------------------------------------
 
-def record_stage(config: RunConfig, *, force: bool = False, progress: bool = True
-                 ) -> dict[str, Path]:
+def record_stage(config: RunConfig, *, force: bool = False, progress: bool = True,
+                 summary: list[str] | None = None) -> dict[str, Path]:
     """Record the activations of every layer of ``config`` (resuming a partial cache).
 
     With ``force`` the caches are recorded again and every file derived from the old caches
@@ -83,6 +114,7 @@ def record_stage(config: RunConfig, *, force: bool = False, progress: bool = Tru
     if config.weights is None and progress:
         _note(f"no --weights: {config.model} is randomly initialised (fixed seed)")
     device = str(resolve_device(config.device))
+    before = {layer: _file_id(run.cache(layer)) for layer in layers}
     with stage_timer() as timing:
         paths = record_activations(
             model, dataset, list(layers), run.path, mean=config.mean, std=config.std,
@@ -101,7 +133,23 @@ def record_stage(config: RunConfig, *, force: bool = False, progress: bool = Tru
         run.drop_layer_outputs(layers)
     timing.extra["layers"] = list(layers)
     run.record_stage("record", timing)
+    reused = [layer for layer in layers if before[layer] is not None
+              and before[layer] == _file_id(run.cache(layer))]
+    recorded = [layer for layer in layers if layer not in reused]
+    if reused:
+        _log(summary, f"record {', '.join(reused)}: reused the complete cache")
+    if recorded:
+        _log(summary, f"record {', '.join(recorded)}: recorded in {timing.wall_s:.1f} s")
     return paths
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of a file, None when missing: tells a reused file from a rewritten one."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _earlier_layers(run: RunDir, config: RunConfig) -> tuple[dict[str, Any], list[str]]:
@@ -186,12 +234,14 @@ def _tally_options(config: RunConfig, info: Any) -> dict[str, Any]:
 
 
 def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
-                force: bool = False, save_config: bool = False) -> dict[str, Any]:
+                force: bool = False, save_config: bool = False, progress: bool = False,
+                summary: list[str] | None = None) -> dict[str, Any]:
     """Dissect each layer from its cache; a layer already tallied with the same options, the
     same cache and the same thresholds file is skipped unless ``force``.
 
     With ``save_config`` the config (its tally options) is written to run.json once every
-    layer succeeded. Returns layer -> DissectionResult.
+    layer succeeded. Returns layer -> DissectionResult. ``progress`` shows a bar per layer;
+    ``summary`` (a list) receives one line per layer: reused or computed, and the time.
     """
     from dissect.tally import dissect_layer, load_dissection
 
@@ -216,10 +266,11 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
                 run.dissection(layer).is_file():
             try:
                 results[layer] = load_dissection(run.layer_dir(layer))
+                _log(summary, f"tally {layer}: reused (same cache and options)")
                 continue
             except CacheError:      # damaged (e.g. a disk filled up): compute it again
                 pass
-        with stage_timer() as timing:
+        with stage_timer() as timing, task_progress(f"tally {layer}", progress):
             results[layer] = dissect_layer(
                 info.path, dataset, layer=layer, quantile=config.quantile,
                 thresholds=config.thresholds, union=config.union,
@@ -227,6 +278,7 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
                 device=config.device, out_dir=run.layer_dir(layer))
         timing.extra["options"] = options
         run.record_stage(name, timing)
+        _log(summary, f"tally {layer}: computed in {timing.wall_s:.1f} s")
     if save_config:
         run.write_config(config)
     return results
@@ -235,7 +287,8 @@ def tally_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
 # --- ablation -------------------------------------------------------------------------------
 
 def ablation_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
-                   save_config: bool = False, **options: Any) -> dict[str, Any]:
+                   save_config: bool = False, progress: bool = False,
+                   summary: list[str] | None = None, **options: Any) -> dict[str, Any]:
     """Run the configured ablation studies on each layer (``ablation_layers``, else every
     recorded layer); records each layer's timing and options. ``options`` go to
     :func:`dissect.ablation.run_ablation` (e.g. ``dataset``, ``batch_size``).
@@ -248,13 +301,18 @@ def ablation_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
     results: dict[str, Any] = {}
     for layer in layers or config.ablation_layers or config.layers:
         with stage_timer() as timing:
-            results[layer] = {study: run_ablation(run, layer, study, config=config, **options)
-                              for study in config.ablation_studies}
+            results[layer] = {}
+            for study in config.ablation_studies:
+                with task_progress(f"ablate {layer} {study}", progress):
+                    results[layer][study] = run_ablation(run, layer, study, config=config,
+                                                         **options)
         timing.extra["studies"] = list(config.ablation_studies)
         timing.extra["options"] = {k: v for k, v in config.to_json().items()
                                    if k in ("classes", "class_names", "rule", "repeats",
                                             "rank_split", "eval_split", "n", "concept", "seed")}
         run.record_stage(f"ablate:{layer}", timing)
+        _log(summary, f"ablate {layer} ({', '.join(config.ablation_studies)}): computed in "
+                      f"{timing.wall_s:.1f} s")
     if save_config:
         run.write_config(config)
     return results
@@ -262,7 +320,8 @@ def ablation_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
 
 # --- report ---------------------------------------------------------------------------------
 
-def report_stage(run_dir: str | os.PathLike[str]) -> Path:
+def report_stage(run_dir: str | os.PathLike[str], *, summary: list[str] | None = None
+                 ) -> Path:
     """Render the HTML report of a run; returns the path of index.html."""
     run = RunDir(run_dir)
     run.config()  # a clear error before anything else when run_dir is not a run
@@ -271,17 +330,33 @@ def report_stage(run_dir: str | os.PathLike[str]) -> Path:
     with stage_timer() as timing:
         index = render_report(run.path)
     run.record_stage("report", timing)
+    _log(summary, f"report: written in {timing.wall_s:.1f} s")
     return index
+
+
+def _log(summary: list[str] | None, line: str) -> None:
+    if summary is not None:
+        summary.append(line)
 
 
 # --- the whole pipeline ---------------------------------------------------------------------
 
-def run_pipeline(config: RunConfig, *, force: bool = False, progress: bool = True) -> Path:
-    """Record, tally, (ablate,) report. Resumes whatever is already done. Returns index.html."""
-    record_stage(config, force=force, progress=progress)
+def run_pipeline(config: RunConfig, *, force: bool = False, progress: bool = True,
+                 summary: list[str] | None = None) -> Path:
+    """Record, tally, (ablate,) report. Resumes whatever is already done. Returns index.html.
+
+    ``summary`` (a list) receives the lines of what was reused and what computed, with times,
+    then one detector line per layer (naming the quantile and union rule used).
+    """
+    record_stage(config, force=force, progress=progress, summary=summary)
     saved = RunDir(config.out).config()
     config = dataclasses.replace(saved, thresholds=config.thresholds)
-    tally_stage(config, force=force)
+    results = tally_stage(config, force=force, progress=progress, summary=summary)
     if config.ablate:
-        ablation_stage(config)
-    return report_stage(config.out)
+        ablation_stage(config, progress=progress, summary=summary)
+    index = report_stage(config.out, summary=summary)
+    if summary is not None:
+        from dissect.tally import format_detectors
+
+        summary.extend(format_detectors(result) for result in results.values())
+    return index

@@ -30,11 +30,23 @@ __all__ = ["RUN_SCHEMA_VERSION", "RunDir", "StageTiming", "stage_timer", "packag
 
 RUN_SCHEMA_VERSION = 1
 
-#: Files of ``<run>/<layer>/`` derived from the layer's cache (DESIGN.md §4), by RunDir method.
+# File names of ``<run>/<layer>/`` (DESIGN.md §4). Modules that write one of these files into a
+# directory they are given import its name from here.
+DISSECTION_FILE = "dissection.h5"
+TALLY_FILE = "tally.csv"
+ABLATION_H5 = "ablation.h5"
+ABLATION_CSV = "ablation.csv"
+ABLATION_META = "ablation.json"
+IMPORTANCE_CSV = "importance.csv"
+COMPOSITIONAL_CSV = "compositional.csv"
+COMPOSITIONAL_JSON = "compositional.json"
+SIGNIFICANCE_CSV = "significance.csv"
+SIGNIFICANCE_H5 = "significance.h5"
+
+#: Files of ``<run>/<layer>/`` derived from the layer's cache: what ``record --force`` removes.
 LAYER_OUTPUTS: tuple[str, ...] = (
-    "dissection.h5", "tally.csv", "ablation.h5", "ablation.csv", "ablation.json",
-    "importance.csv", "compositional.csv", "compositional.json", "significance.csv",
-    "significance.h5")
+    DISSECTION_FILE, TALLY_FILE, ABLATION_H5, ABLATION_CSV, ABLATION_META, IMPORTANCE_CSV,
+    COMPOSITIONAL_CSV, COMPOSITIONAL_JSON, SIGNIFICANCE_CSV, SIGNIFICANCE_H5)
 
 
 class RunDir:
@@ -77,36 +89,36 @@ class RunDir:
         return self.path / layer
 
     def dissection(self, layer: str) -> Path:
-        return self.layer_dir(layer) / "dissection.h5"
+        return self.layer_dir(layer) / DISSECTION_FILE
 
     def tally(self, layer: str) -> Path:
-        return self.layer_dir(layer) / "tally.csv"
+        return self.layer_dir(layer) / TALLY_FILE
 
     def ablation_h5(self, layer: str) -> Path:
-        return self.layer_dir(layer) / "ablation.h5"
+        return self.layer_dir(layer) / ABLATION_H5
 
     def ablation_csv(self, layer: str) -> Path:
-        return self.layer_dir(layer) / "ablation.csv"
+        return self.layer_dir(layer) / ABLATION_CSV
 
     def ablation_meta(self, layer: str) -> Path:
         """``<layer>/ablation.json``: the companion metadata of ablation.csv (options,
         evaluation set, warnings)."""
-        return self.layer_dir(layer) / "ablation.json"
+        return self.layer_dir(layer) / ABLATION_META
 
     def importance(self, layer: str) -> Path:
-        return self.layer_dir(layer) / "importance.csv"
+        return self.layer_dir(layer) / IMPORTANCE_CSV
 
     def compositional_csv(self, layer: str) -> Path:
-        return self.layer_dir(layer) / "compositional.csv"
+        return self.layer_dir(layer) / COMPOSITIONAL_CSV
 
     def compositional_json(self, layer: str) -> Path:
-        return self.layer_dir(layer) / "compositional.json"
+        return self.layer_dir(layer) / COMPOSITIONAL_JSON
 
     def significance_csv(self, layer: str) -> Path:
-        return self.layer_dir(layer) / "significance.csv"
+        return self.layer_dir(layer) / SIGNIFICANCE_CSV
 
     def significance_h5(self, layer: str) -> Path:
-        return self.layer_dir(layer) / "significance.h5"
+        return self.layer_dir(layer) / SIGNIFICANCE_H5
 
     @property
     def explain_dir(self) -> Path:
