@@ -18,6 +18,9 @@ from dissect.errors import DissectError, OptionError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+#: Import names of the packages dissect needs (setup.py install_requires).
+DEPENDENCIES = ("torch", "torchvision", "numpy", "scipy", "h5py", "dask", "distributed", "PIL",
+                "jinja2", "tqdm", "captum")
 
 
 
@@ -266,8 +269,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dissect: error: {user_message(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("dissect: interrupted", file=sys.stderr)
+        print("dissect: interrupted; rerun the same command to resume (finished work is kept)",
+              file=sys.stderr)
         return 130
+    except BrokenPipeError:     # `dissect layers M | head`: the reader has gone, nothing to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] in DEPENDENCIES:
+            print(f"dissect: error: the Python package {error.name.split('.')[0]!r} is missing "
+                  f"in {sys.executable}; run `make install` in the dissect checkout and use "
+                  f".venv/bin/dissect (or `pip install -e .`)", file=sys.stderr)
+            return EXIT_USAGE
+        raise
     except OSError as error:  # a path given on the command line that cannot be used
         print(f"dissect: error: {error}", file=sys.stderr)
         return EXIT_USAGE

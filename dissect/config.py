@@ -306,9 +306,11 @@ class RunConfig:
         for item in dataclasses.fields(self):
             option: Option = item.metadata["option"]
             value = getattr(self, item.name)
-            if value is None:
-                continue
             flag = option.flag or "--" + item.name.replace("_", "-")
+            if value is None:
+                if "None" not in str(item.type):
+                    raise OptionError(f"{flag}: a value is needed (got None)")
+                continue
             if option.choices is not None:
                 for one in (value if option.many else (value,)):
                     check_choice(flag, one, option.choices)

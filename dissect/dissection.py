@@ -28,6 +28,7 @@ __all__ = [
     "DISSECTION_FILE",
     "TALLY_FILE",
     "DissectionResult",
+    "TallyTable",
     "DetectorSummary",
     "load_dissection",
     "summarize_detectors",
@@ -47,6 +48,24 @@ def tally_columns(categories: Sequence[str]) -> list[str]:
         columns += [f"{category}-label", f"{category}-truth", f"{category}-activation",
                     f"{category}-intersect", f"{category}-iou"]
     return columns
+
+
+class TallyTable(list):
+    """tally.csv's rows (dicts, ``unit`` 1-based as in NetDissect-Lite); prints compactly:
+    unit, category, label and score of the first rows."""
+
+    shown = 10
+
+    def __repr__(self) -> str:
+        lines = [f"{'unit':>5}  {'category':<10} {'label':<24} {'score':>7}"]
+        lines += [f"{row['unit']:>5}  {row['category']:<10} {str(row['label'])[:24]:<24} "
+                  f"{row['score']:>7.4f}" for row in self[:self.shown]]
+        if len(self) > self.shown:
+            lines.append(f"... {len(self) - self.shown} more rows (tally.csv unit numbers are "
+                         f"1-based)")
+        return "\n".join(lines)
+
+    __str__ = __repr__
 
 
 @dataclass(eq=False)
@@ -138,8 +157,9 @@ class DissectionResult:
         """Column names of :meth:`table` (see :func:`tally_columns`)."""
         return tally_columns(self.categories)
 
-    def table(self) -> list[dict[str, Any]]:
-        """The rows of tally.csv, NetDissect-Lite's format.
+    def table(self) -> TallyTable:
+        """The rows of tally.csv, NetDissect-Lite's format (a list of dicts, so
+        ``pandas.DataFrame(result.table())`` works; printed, it shows a compact view).
 
         One row per unit, sorted by descending score (ties: the higher unit first, as
         NetDissect-Lite's ``argsort()[::-1]``; see :func:`dissect.stats.unit_order`): ``unit``
@@ -173,7 +193,13 @@ class DissectionResult:
                 row[f"{category}-intersect"] = int(self.intersection[u, label])
                 row[f"{category}-iou"] = float(self.cat_iou[u, c])
             rows.append(row)
-        return rows
+        return TallyTable(rows)
+
+    def __repr__(self) -> str:
+        detected = int((self.unit_iou >= self.iou_threshold).sum())
+        return (f"<DissectionResult {self.layer}: {self.n_units} units, {len(self.label_names)} "
+                f"labels, {detected} detectors (IoU >= {self.iou_threshold}); .table() for "
+                f"tally.csv's rows>")
 
     def detectors(self, iou_threshold: float | None = None) -> list[DetectorSummary]:
         """:func:`summarize_detectors` of this result."""
