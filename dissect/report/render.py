@@ -167,7 +167,7 @@ def histogram_chart(histogram: dict[str, list], iou_threshold: float, *, width: 
 
 
 def layers_chart(layers: Sequence[dict[str, Any]], colors: dict[str, str], *,
-                 bar_width: int = 44, height: int = 180) -> dict[str, Any]:
+                 bar_width: int = 44, height: int = 180, key: str = "units") -> dict[str, Any]:
     """Layout of the across-layers chart: per layer a bar stacked by category of the number of
     detector units, with "detectors / unique concepts" written above it. The legend lists the
     categories that have detectors, in ``colors`` order.
@@ -177,6 +177,8 @@ def layers_chart(layers: Sequence[dict[str, Any]], colors: dict[str, str], *,
     layers : ``data["layers"]``
     colors : category -> colour
     bar_width, height : bar width and plot height in pixels
+    key : ``units`` (detector units, the default) or ``concepts`` (unique concepts): the value of
+        each ``detectors`` entry the bars stack
 
     Returns
     -------
@@ -185,7 +187,7 @@ def layers_chart(layers: Sequence[dict[str, Any]], colors: dict[str, str], *,
     "legend_y", "legend"}``.
     """
     left, top, label_space, legend_h, gap = 40, 24, 70, 22, 18
-    totals = [sum(d["units"] for d in layer["detectors"]) for layer in layers]
+    totals = [sum(d[key] for d in layer["detectors"]) for layer in layers]
     ticks = nice_ticks(max(totals, default=0))
     sy = height / ticks[-1]
     bottom = top + height
@@ -195,17 +197,17 @@ def layers_chart(layers: Sequence[dict[str, Any]], colors: dict[str, str], *,
         base = float(bottom)
         segments = []
         for d in layer["detectors"]:
-            if d["units"] == 0:
+            if d[key] == 0:
                 continue
-            base -= d["units"] * sy
-            segments.append({"y": round(base, 1), "h": round(d["units"] * sy, 1),
+            base -= d[key] * sy
+            segments.append({"y": round(base, 1), "h": round(d[key] * sy, 1),
                              "color": colors.get(d["category"], MISSING_COLOR),
-                             "category": d["category"], "units": d["units"]})
+                             "category": d["category"], "units": d[key]})
         columns.append({"x": x, "w": bar_width, "name": layer["name"],
                         "label_x": x + bar_width // 2, "segments": segments,
                         "total_y": round(base - 4, 1), "n_detectors": layer["n_detectors"],
                         "n_concepts": layer["n_concepts"]})
-    found = _unique([d["category"] for layer in layers for d in layer["detectors"] if d["units"]])
+    found = _unique([d["category"] for layer in layers for d in layer["detectors"] if d[key]])
     used = [c for c in colors if c in found] + [c for c in found if c not in colors]
     width = max(320, left + gap + len(layers) * (bar_width + gap) + 10,
                 left + len(used) * LEGEND_STEP)
