@@ -103,8 +103,11 @@ def check_cache_matches(info: Any, wanted: dict[str, Any]) -> None:
     ``wanted`` maps fingerprint fields (``weights``, ``dataset``, ``mean``, ``std``, ``resize``)
     to the values of this ablation; fields the cache does not record are not compared.
     """
+    from dissect.record.cache import changed_fields
+
     stored = info.fingerprint or {}
-    changed = [key for key, value in wanted.items() if key in stored and stored[key] != value]
+    changed = changed_fields({k: v for k, v in stored.items() if k in wanted},
+                             {k: v for k, v in wanted.items() if k in stored})
     if changed:
         described = ", ".join(f"{key} (cache {str(stored[key])[:24]!r}, now "
                               f"{str(wanted[key])[:24]!r})" for key in changed)
