@@ -729,3 +729,213 @@ def test_render_again_removes_strips_of_units_that_are_gone(synthetic_run: Path,
     render_report(synthetic_run, tmp_path / "report")
     assert not stale.exists() and other.read_text() == "not a strip"
     assert len(list(strips.glob("unit_*.jpg"))) == N_UNITS
+
+
+# ----------------------------------------------------------------------------- later results
+
+
+def _records(rows: list[list[object]], n_units: int = N_UNITS, metric: str = "recall"):
+    from dissect.report import studies
+
+    header = list(rdata.ABLATION_COLUMNS)
+    dict_rows = [{k: str(v) for k, v in zip(header, row)} for row in rows]
+    return studies.ablation_records(dict_rows, n_units, metric)
+
+
+def test_ablation_curves_by_hand() -> None:
+    from dissect.report import studies
+
+    curves = studies.ablation_curves(_records(ABLATION_ROWS))
+    assert [c["class"] for c in curves] == ["a", "b"]        # the top-N targets, not c
+    a, b = curves
+    assert a["n"] == 5 and b["n"] == 4
+    assert a["removed"] == [{"n": 0, "value": 0.8}, {"n": 1, "value": 0.6},
+                            {"n": 2, "value": 0.4}]
+    assert a["kept"] == [{"n": 1, "value": 0.3}, {"n": 2, "value": 0.2}]
+    assert a["random"] == [
+        {"n": 0, "mean": 0.8, "sd": 0.0, "min": 0.8, "max": 0.8, "repeats": 0},
+        {"n": 1, "mean": 0.75, "sd": 0.05, "min": 0.7, "max": 0.8, "repeats": 2},
+        {"n": 2, "mean": 0.7, "sd": 0.1, "min": 0.6, "max": 0.8, "repeats": 2}]
+    assert b["removed"] == [{"n": 0, "value": 0.5}, {"n": 1, "value": 0.25},
+                            {"n": 2, "value": 0.1}]   # a:top1's row for class b is ignored
+    mean = studies.mean_curve(curves)
+    assert mean["class"] == "mean over 2 classes" and mean["n"] == 9
+    assert mean["removed"] == [{"n": 0, "value": 0.65}, {"n": 1, "value": 0.425},
+                               {"n": 2, "value": 0.25}]
+    assert mean["random"][2] == {"n": 2, "mean": 0.55, "sd": 0.1, "min": 0.45, "max": 0.65,
+                                 "repeats": 2}
+    assert studies.ablation_headline(curves) == {"n": 2, "classes": 2, "topn_drop": 0.4,
+                                                 "random_drop": 0.1}
+    assert studies.ablation_headline(curves, prefer=1) == {"n": 1, "classes": 2,
+                                                           "topn_drop": 0.225,
+                                                           "random_drop": 0.05}
+    # only a random study: every class gets a curve, no headline
+    only_random = studies.ablation_curves(_records([r for r in ABLATION_ROWS
+                                                    if r[0] == "random"]))
+    assert [c["class"] for c in only_random] == ["a", "b", "c"]
+    assert only_random[2]["random"][1]["mean"] == 0.5
+    assert studies.ablation_headline(only_random) is None
+    assert studies.mean_curve([]) is None
+
+
+def test_concept_ablations_and_unit_damage_by_hand() -> None:
+    from dissect.report import studies
+
+    records = _records(ABLATION_ROWS)
+    (dog,) = studies.concept_ablations(records)
+    assert dog == {"concept": "dog", "units": [1, 3], "n_hurt": 2, "mean_drop": 0.133333,
+                   "hurt": [{"class": "a", "n": 5, "baseline": 0.8, "ablated": 0.5, "drop": 0.3},
+                            {"class": "c", "n": 3, "baseline": 1.0, "ablated": 0.9,
+                             "drop": 0.1}]}
+    assert studies.concept_ablations(records, n=1)[0]["hurt"][0]["class"] == "a"
+    # unit 4 helps a (-0.1) but hurts c by 1.0; units 0, 2, 5 were not ablated alone
+    assert studies.unit_damage(records, N_UNITS) == [None, 0.25, None, 0.1, 1.0, None]
+    by_accuracy = studies.unit_damage(_records(ABLATION_ROWS, metric="accuracy"), N_UNITS)
+    assert by_accuracy == [None, 0.05, None, 0.0, 0.05, None]
+    view = studies.ablation_view(records, N_UNITS, "recall")
+    assert view["studies"] == ["single", "topn", "keep", "random", "concept"]
+
+
+def test_ablation_records_name_file_and_row() -> None:
+    from dissect.report import studies
+
+    with pytest.raises(CacheError, match=r"row 2: unit 7 is out of range; the layer has 6"):
+        _records([["random", "random1#0", "7", "a", 1, 0, 0, 0, 0, 0]])
+    with pytest.raises(CacheError, match=r"row 3: column 'units' holds '1;x'"):
+        _records([["random", "baseline", "", "a", 1, 0, 0, 0, 0, 0],
+                  ["random", "r", "1;x", "a", 1, 0, 0, 0, 0, 0]])
+    with pytest.raises(OptionError, match="f1"):
+        studies.ablation_records([], 2, "f1")
+
+
+def test_importance_compositional_significance_readers(tmp_path: Path) -> None:
+    from dissect.report import studies
+
+    path = tmp_path / "importance.csv"
+    path.write_text(IMPORTANCE_TEXT)
+    assert studies.read_importance(path, 6) == [[], ["a", "b"], None, None, ["c"], None]
+    path.write_text("unit,n_classes,classes\n1,3,a;b\n")
+    with pytest.raises(CacheError, match=r"row 2: n_classes is '3' but 2 classes are listed"):
+        studies.read_importance(path, 6)
+    path = tmp_path / "compositional.csv"
+    path.write_text(COMPOSITIONAL_TEXT)
+    formulas = studies.read_compositional(path, 3)
+    assert formulas[0] == {"formula": "(x OR y) AND NOT <b>z</b>", "iou": 0.3, "label": "x",
+                           "label_iou": 0.2, "gain": 0.1, "leaves": 3, "optimal": "yes"}
+    assert formulas[1] is None
+    assert studies.compositional_summary(formulas) == {"units": 2, "mean_gain": 0.05,
+                                                       "mean_iou": 0.225}
+    assert studies.compositional_summary([None]) is None
+    with pytest.raises(CacheError, match=r"compositional.csv: row 2: unit 0 is out of range"):
+        studies.read_compositional(path, 0)
+    path = tmp_path / "significance.csv"
+    path.write_text(SIGNIFICANCE_TEXT)
+    rows = studies.read_significance(path, 4)
+    assert [r and r["significant"] for r in rows] == [True, False, None, None]
+    assert rows[0]["q"] == 0.03 and rows[0]["ci_low"] is None and rows[0]["z"] == 28.0
+    summary = studies.significance_summary(rows, np.array([True, False, True, True]))
+    assert summary == {"tested": 2, "significant": 1, "share": 0.5, "detectors": 1,
+                       "detectors_significant": 1}
+    assert studies.significance_summary([None, rows[2]], np.ones(2, bool)) is None
+    path.write_text(SIGNIFICANCE_TEXT.replace(",yes\n", ",maybe\n"))
+    with pytest.raises(CacheError, match=r"row 2: column 'significant' holds 'maybe'"):
+        studies.read_significance(path, 4)
+
+
+def test_null_histograms_by_hand(tmp_path: Path) -> None:
+    from dissect.report import studies
+
+    hists = studies.null_histograms(NULL_OBSERVED, NULL_VALUES, bins=4)
+    # unit 4: top = max(0.1, 0.2) = 0.2, width 0.05: 0.2 -> last bin, 0.1 -> bin 2, 0.0 -> 0,
+    # 0.05 -> 1; two values (0.2, 0.1) reach the observed 0.1
+    assert hists[4]["counts"] == [1, 1, 1, 1] and hists[4]["exceed"] == 2
+    assert hists[4]["edges"] == [0.0, 0.05, 0.1, 0.15, 0.2]
+    assert hists[3]["counts"] == [4, 0, 0, 0] and hists[3]["exceed"] == 4   # all zero
+    assert sum(hists[0]["counts"]) == 4 and hists[0]["observed"] == 0.3
+    path = tmp_path / "significance.h5"
+    with h5py.File(path, "w") as f:
+        f["observed"] = NULL_OBSERVED
+        f["null"] = NULL_VALUES
+    assert studies.read_null_histograms(path, 6, block=4, bins=4) == hists
+    with pytest.raises(CacheError, match=r"expected \(5,\) and \(B, 5\)"):
+        studies.read_null_histograms(path, 5)
+    with h5py.File(path, "w") as f:
+        f["observed"] = NULL_OBSERVED
+    assert studies.read_null_histograms(path, 6) is None     # no null: degrade gracefully
+
+
+def test_explanation_view_and_unsafe_paths(tmp_path: Path) -> None:
+    from dissect.report import explain
+
+    entry = {"image": "a.jpg", "target": 1, "target_name": "kitchen", "logit": 2.0,
+             "concepts": [{"label": "dog", "category": "object", "share": 0.625,
+                           "contribution": 1.25, "units": [3, 5]}],
+             "unlabeled": {"contribution": 0.5, "units": [0]},
+             "maps": [{"kind": "gradcam", "title": "Grad-CAM", "path": "x/cam.png"},
+                      {"kind": "concept", "title": "dog", "path": "x/dog.png"},
+                      {"kind": "concept", "title": "tree", "path": "x/tree.png"},
+                      {"kind": "integrated_gradients", "title": "IG", "path": "x/ig.png"}]}
+    view = explain.explanation_view(entry, "demo.json: entry 0")
+    assert view["class_map"] == {"path": "x/cam.png", "caption": "Grad-CAM"}
+    assert view["concept_maps"] == [{"path": "x/dog.png", "caption": "dog (62.5 %)"},
+                                    {"path": "x/tree.png", "caption": "tree"}]
+    assert view["input_maps"] == [{"path": "x/ig.png", "caption": "IG",
+                                   "kind": "integrated_gradients"}]
+    assert view["image_map"] is None and view["unlabeled"] == {"contribution": 0.5, "units": 1}
+    for bad in ["../secret.png", "/etc/passwd", "x/../../y.png", "C:/x.png", ""]:
+        entry["maps"] = [{"kind": "image", "title": "t", "path": bad}]
+        with pytest.raises(CacheError, match="demo.json: entry 0, map 0"):
+            explain.explanation_view(entry, "demo.json: entry 0")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CacheError, match=r"bad.json: cannot read"):
+        explain.read_explanations(tmp_path)
+    assert explain.read_explanations(tmp_path / "absent") == []
+
+
+def test_image_level_labels_and_scene_note(broden_tiny, tmp_path: Path) -> None:
+    from dissect.data import BrodenDataset
+
+    mask = rdata.image_level_mask(BrodenDataset(broden_tiny.root), 301)
+    assert np.flatnonzero(mask).tolist() == [6, 7]           # kitchen, street (scenes)
+    data = _hand_model("dog")
+    layer = data["layers"][0]
+    result = types.SimpleNamespace(
+        layer="conv<1>", categories=["object", "scene"], thresholds=np.array([0.5, 0.25]),
+        iou=np.array([[0.0, 0.2, 0.01, 0.0], [0.0, 0.0, 0.0, 0.06]]),
+        unit_label=np.array([1, 3]), unit_iou=np.array([0.2, 0.06]),
+        unit_category=np.array(["object", "scene"]),
+        label_names=np.array(["-", "dog", "cat", "kitchen"]), primary=np.array([-1, 0, 0, 1]),
+        iou_threshold=0.04)
+    layer = rdata.layer_data(result, np.array([[1, 0], [0, 1]]), np.ones((2, 2), np.float32),
+                             ["a.jpg", "b.jpg"], None,
+                             image_level=np.array([False, False, False, True]))
+    assert [u["image_level"] for u in layer["units"]] == [False, True]
+    data["layers"] = [layer]
+    rrender.render_pages(data, tmp_path, (8, 8))
+    page = (tmp_path / "conv_1_.html").read_text()
+    assert page.count('class="scene-note"') == 1
+    assert "kitchen is an image-level (scene) label: it covers the whole image" in page
+    assert "unit 1</span><span class=\"numbering\">(tally.csv row unit 2)" in page
+
+
+def test_layer_page_shows_the_study(synthetic_run: Path, rendered: Path) -> None:
+    page = (rendered.parent / f"{LAYER}.html").read_text()
+    assert ("Removing each class's top 2 units costs 0.400 recall on average over 2 classes, "
+            "against 0.100 for 2 random units.") in page
+    assert page.count("<figure>") == 3                   # mean + classes a and b
+    assert "<td>dog</td>" in page and "a 0.80 &rarr; 0.50; c 1.00 &rarr; 0.90" in page
+    assert page.count('<a href="#unit-') == 2 + 3        # concept units + scatter dots
+    assert "formula: (x OR y) AND NOT &lt;b&gt;z&lt;/b&gt; (IoU 0.300" in page
+    assert page.count('class="sig yes"') == 1 and page.count('class="sig no"') == 1
+    assert page.count('class="null"') == N_UNITS
+    assert page.count("ablation: no class hurt") == 0
+    assert page.count("not removed alone in the single-unit study") == 3
+    assert page.count('<div class="ablation">') == 3
+    for name in ["tally.csv", "ablation.csv", "importance.csv"]:
+        assert f'<a href="files/{LAYER}/{name}">{name}</a>' in page
+    assert '<a href="report.json">report.json</a>' in page
+    assert "scroll-margin-top" in page
+    explain_page = (rendered.parent / "explain_demo.html").read_text()
+    assert "img&lt;1&gt;.jpg &rarr; kitchen (logit 3.500)" in explain_page
+    assert '<img src="explain/demo/dog.png" alt="dog (80.0 %)">' in explain_page
+    assert (rendered.parent / "explain" / "demo" / "dog.png").is_file()
