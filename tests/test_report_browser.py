@@ -109,3 +109,98 @@ document.body.setAttribute("data-detectors", visible());
         str(u["unit"]) for u in units if u["category"] == category)
     assert body_attribute(dom, "data-detectors") == ",".join(
         str(u["unit"]) for u in units if u["detector"])
+
+
+#: Injected first into <head>: records script errors, console errors and every resource URL
+#: that is not file://, and writes them on <body> once the page has loaded.
+WATCH = """<script>
+(function () {
+  var errors = [];
+  window.addEventListener("error", function (e) { errors.push(String(e.message || e.type)); }, true);
+  var original = console.error;
+  console.error = function () { errors.push(Array.prototype.join.call(arguments, " ")); original.apply(console, arguments); };
+  window.addEventListener("load", function () {
+    setTimeout(function () {
+      var remote = performance.getEntriesByType("resource").map(function (r) { return r.name; })
+        .filter(function (u) { return u.indexOf("file:") !== 0; });
+      document.body.setAttribute("data-errors", errors.join(" | "));
+      document.body.setAttribute("data-remote", remote.join(" "));
+    }, 0);
+  });
+})();
+</script>"""
+
+
+def watched_dom(chromium: str, page: Path, profile: Path, extra: str = "") -> tuple[str, str]:
+    """DOM and stderr of ``page`` opened with :data:`WATCH` (and ``extra`` before </body>)."""
+    text = page.read_text()
+    probe = page.with_name("watched_" + page.name)
+    probe.write_text(text.replace("<head>", "<head>" + WATCH, 1).replace("</body>",
+                                                                          extra + "</body>"))
+    result = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                             "--enable-logging=stderr", "--v=0", "--dump-dom", probe.as_uri()],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout, result.stderr
+
+
+def test_every_page_offline_without_errors(report_index: Path, tmp_path: Path) -> None:
+    """Index, layer and explanation pages: every image loads, no script or console error, no
+    request leaves file://."""
+    chromium = find_chromium()
+    pages = sorted(p for p in report_index.parent.glob("*.html") if not p.name.startswith(
+        ("watched_", "probe")))
+    assert {p.name for p in pages} >= {"index.html", f"{LAYER}.html", "explain_demo.html"}
+    for page in pages:
+        dom, stderr = watched_dom(chromium, page, tmp_path / "profile")
+        assert body_attribute(dom, "data-errors") == "", page.name
+        assert body_attribute(dom, "data-remote") == "", page.name
+        assert body_attribute(dom, "data-images-loaded") == body_attribute(
+            dom, "data-images-total"), page.name
+        assert "Uncaught" not in stderr, (page.name, stderr[-2000:])
+    dom, _ = watched_dom(chromium, report_index.parent / "explain_demo.html", tmp_path / "p2")
+    assert body_attribute(dom, "data-images-total") == "4"
+
+
+def test_lightbox_and_sort_by_importance(report_index: Path, tmp_path: Path) -> None:
+    """Click the third image of a unit's strip: the lightbox shows that image's tile; sorting
+    by importance orders the cards by damage (units without one last), then IoU, then unit."""
+    chromium = find_chromium()
+    data = json.loads((report_index.parent / "report.json").read_text())
+    units = data["layers"][0]["units"]
+    target = max(units, key=lambda u: u["iou"])
+    probe = """<script>
+window.addEventListener("load", function () {
+  var img = document.querySelector("#unit-UNIT img.strip");
+  var box = document.getElementById("units");
+  var tile = parseInt(box.getAttribute("data-tile"), 10), gap = parseInt(box.getAttribute("data-gap"), 10);
+  var rect = img.getBoundingClientRect();
+  var x = rect.left + (2 * (tile + gap) + tile / 2) * rect.width / img.naturalWidth;
+  img.dispatchEvent(new MouseEvent("click", {bubbles: true, clientX: x, clientY: rect.top + 5}));
+  var light = document.getElementById("lightbox");
+  document.body.setAttribute("data-light-hidden", String(light.classList.contains("hidden")));
+  document.body.setAttribute("data-light-unit", light.getAttribute("data-unit"));
+  document.body.setAttribute("data-light-slot", light.getAttribute("data-slot"));
+  document.body.setAttribute("data-light-image", light.getAttribute("data-image"));
+  document.body.setAttribute("data-light-position", document.getElementById("lightbox-tile").style.backgroundPosition);
+  light.dispatchEvent(new MouseEvent("click", {bubbles: true}));
+  document.body.setAttribute("data-light-closed", String(light.classList.contains("hidden")));
+  var sort = document.getElementById("sort");
+  sort.value = "damage"; sort.dispatchEvent(new Event("change"));
+  var out = [], cards = document.querySelectorAll("#units section.unit");
+  for (var i = 0; i < cards.length; i++) { out.push(cards[i].getAttribute("data-unit")); }
+  document.body.setAttribute("data-by-damage", out.join(","));
+});
+</script>""".replace("UNIT", str(target["unit"]))
+    dom, _ = watched_dom(chromium, report_index.parent / f"{LAYER}.html", tmp_path / "profile",
+                         probe)
+    assert body_attribute(dom, "data-errors") == ""
+    assert body_attribute(dom, "data-light-hidden") == "false"
+    assert body_attribute(dom, "data-light-unit") == str(target["unit"])
+    assert body_attribute(dom, "data-light-slot") == "2"
+    assert body_attribute(dom, "data-light-image") == target["top_images"][2]["image"]
+    assert body_attribute(dom, "data-light-position").startswith("-")
+    assert body_attribute(dom, "data-light-closed") == "true"
+    by_damage = sorted(units, key=lambda u: (u["damage"] is None, -(u["damage"] or 0.0),
+                                             -u["iou"], u["unit"]))
+    assert body_attribute(dom, "data-by-damage") == ",".join(str(u["unit"]) for u in by_damage)
