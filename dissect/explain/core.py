@@ -671,10 +671,15 @@ def _build(result: BatchAttribution, groups: ConceptGroups, dissection: Dissecti
         order = sorted(range(len(groups.names)), key=lambda k: (-concept_r[b, k],
                                                                 groups.names[k]))
         picks.append([k for k in order if concept_r[b, k] > 0][:top_k])
-    low = [torch.einsum("ku,uhw->khw", member_t[p], result.maps[b]) for b, p in enumerate(picks)
-           if p]
-    flat = _upsample(torch.relu(torch.cat(low)), size).cpu().numpy() if low else None
     grid = (int(result.maps.shape[2]), int(result.maps.shape[3]))
+    flat = None
+    if any(picks):
+        # (K, U) @ (B, U, h*w) -> (B, K, h*w): every concept's map in one product, then the picks
+        every = torch.matmul(member_t, result.maps.flatten(2))
+        rows = torch.as_tensor([b for b, p in enumerate(picks) for _ in p], dtype=torch.long)
+        cols = torch.as_tensor([k for p in picks for k in p], dtype=torch.long)
+        low = every[rows.to(every.device), cols.to(every.device)].reshape(-1, *grid)
+        flat = _upsample(torch.relu(low), size).cpu().numpy()
     logits = result.logits.double().cpu().numpy()
     explanations = []
     offset = 0
