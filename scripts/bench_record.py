@@ -12,10 +12,17 @@ itself, which on a CPU with every core busy cannot be hidden behind the forward 
 Then it records datasets of two sizes in fresh subprocesses and prints their peak RSS: the
 recorder streams, so memory must not grow with the number of images.
 
+A third table ("stop after the last layer") records one middle block of resnet18 (``layer2``)
+and of vit_b_16 (``encoder.layers.encoder_layer_5``, 12 blocks) at 224 px, a few images, with
+the recorder's default ``stop_early=True`` (the forward is cut after the last recorded layer)
+and with ``stop_early=False`` (the whole model runs), interleaved, and prints both wall times and
+their ratio (``--stop-only`` runs just this table).
+
 Usage::
 
     python scripts/bench_record.py [--n-images 1024] [--size 112] [--batch-size 32]
                                    [--device cpu|cuda] [--repeats 3] [--rss-sizes 128,1024]
+                                   [--stop-images 8] [--stop-only]
 """
 
 from __future__ import annotations
@@ -150,6 +157,42 @@ def measure_rss(name: str, dataset: Path, run_dir: Path, batch_size: int, device
     return json.loads(output.strip().splitlines()[-1])
 
 
+#: Middle blocks recorded by the stop-vs-full table: (model spec, layer).
+STOP_CASES = (("resnet18", "layer2"), ("vit_b_16", "encoder.layers.encoder_layer_5"))
+
+
+def stop_vs_full(work: Path, n_images: int, repeats: int, batch_size: int,
+                 device: torch.device, num_workers: int | None) -> None:
+    """Print the wall time of recording one middle block with and without the early stop."""
+    from dissect.toy import generate_toy_dataset
+
+    root = work / f"toy_stop{n_images}"
+    if not root.exists():
+        generate_toy_dataset(root, n_images=n_images, size=112, seed=0)
+    dataset = BrodenDataset(root)
+    print(f"\nstop after the last recorded layer: {n_images} toy images resized to 224 px, "
+          f"batch {batch_size}, best of {repeats} (interleaved)")
+    print(f"{'model':<9} {'layer':<32} {'stopped s':>9} {'full s':>8} {'stopped/full':>12}")
+    for spec, layer in STOP_CASES:
+        model = load_model(spec)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for repeat in range(repeats + 1):          # the first round warms up, not counted
+            for stop in (True, False):
+                start = time.perf_counter()
+                record_activations(model, dataset, [layer], work / f"stop_{spec}_{stop}",
+                                   mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=224,
+                                   batch_size=batch_size, device=device, force=True,
+                                   progress=False, num_workers=num_workers, stop_early=stop)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if repeat:
+                    times[stop].append(time.perf_counter() - start)
+        stopped, full = min(times[True]), min(times[False])
+        print(f"{spec:<9} {layer:<32} {stopped:>9.2f} {full:>8.2f} {stopped / full:>12.2f}")
+    print("(each time: one record_activations call with force=True, model probe and writes "
+          "included)")
+
+
 def cache_megabytes(run_dir: Path) -> float:
     return sum(p.stat().st_size for p in (run_dir / "cache").glob("*.h5")) / 1e6
 
@@ -166,6 +209,10 @@ def main() -> None:
     parser.add_argument("--models", default="toy,resnet18")
     parser.add_argument("--rss-sizes", default="128,1024")
     parser.add_argument("--work", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--stop-images", type=int, default=8,
+                        help="images of the stop-vs-full table (default 8)")
+    parser.add_argument("--stop-only", action="store_true",
+                        help="run only the stop-vs-full table")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -181,6 +228,12 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_record_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
+        if args.stop_only:
+            print(f"device {device}, torch {torch.__version__}, threads "
+                  f"{torch.get_num_threads()}")
+            stop_vs_full(work, args.stop_images, args.repeats, args.batch_size, device,
+                         args.num_workers)
+            return
         print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
               f"batch {args.batch_size}, {args.n_images} toy images of {args.size} px, "
               f"{args.repeats} repeats")
@@ -231,6 +284,8 @@ def main() -> None:
             print(f"{n_images:>7} {result['peak_rss_mb']:>12.1f} {result['wall_s']:>8.1f} "
                   f"{cache_megabytes(run_dir):>9.1f}")
             shutil.rmtree(run_dir)
+        stop_vs_full(work, args.stop_images, args.repeats, args.batch_size, device,
+                     args.num_workers)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

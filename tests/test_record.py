@@ -533,6 +533,48 @@ def test_torchscript_layers_are_refused_before_any_work(dataset: BrodenDataset,
     assert not (tmp_path / "run").exists()
 
 
+def test_token_layer_ablation_changes_patch_tokens_only(dataset: BrodenDataset,
+                                                       tmp_path: Path) -> None:
+    from dissect.ablation.hooks import (ablate_unit_sets, ablate_units, compute_unit_means,
+                                        token_drop)
+
+    model = TinyViT(n_leading=2).eval()   # the head reads token 0, a leading (class) token
+    paths = record(model, dataset, ["blocks"], tmp_path, dtype="float32")
+    drop = token_drop(open_cache(paths["blocks"]).unit_layout)
+    assert drop == 2 and token_drop({"layout": "nchw", "drop_tokens": 0}) is None
+    x = torch.randn(3, 3, HEIGHT, WIDTH)
+    with torch.no_grad(), LayerRecorder(model, ["blocks"]) as recorder:
+        base = model(x)
+    base_maps = recorder.maps()["blocks"]
+    with torch.no_grad(), ablate_units(model, "blocks", [0, 2], drop_tokens=drop), \
+            LayerRecorder(model, ["blocks"]) as recorder:
+        out = model(x)
+    maps = recorder.maps()["blocks"]          # the recorder sees the ablated output
+    assert torch.equal(out, base)             # the class token is left as it is
+    assert torch.all(maps[:, [0, 2]] == 0) and torch.equal(maps[:, 1], base_maps[:, 1])
+    with torch.no_grad(), ablate_units(model, "blocks", [0], drop_tokens=0):
+        assert not torch.equal(model(x), base)  # with no leading token, token 0 is a patch
+    with pytest.raises(LayerError, match=r"'blocks' gives \(3, 34, 3\).*drop_tokens"):
+        with torch.no_grad(), ablate_units(model, "blocks", [0]):
+            model(x)
+    # S sets in one forward == one set at a time; rule 'mean' fills with the cache means
+    masks = np.array([[True, False, False], [False, True, True]])
+    means = compute_unit_means(CacheReader(paths["blocks"]))
+    with torch.no_grad(), ablate_unit_sets(model, "blocks", masks, rule="mean", means=means,
+                                           drop_tokens=drop), \
+            LayerRecorder(model, ["blocks"]) as recorder:
+        model(x.repeat(2, 1, 1, 1))
+    batched = recorder.maps()["blocks"]
+    for s, units in enumerate(([0], [1, 2])):
+        with torch.no_grad(), ablate_units(model, "blocks", units, rule="mean", means=means,
+                                           drop_tokens=drop), \
+                LayerRecorder(model, ["blocks"]) as recorder:
+            model(x)
+        assert torch.equal(batched[3 * s:3 * s + 3], recorder.maps()["blocks"])
+    assert torch.allclose(batched[3:, 1], torch.full_like(batched[3:, 1], float(means[1])))
+    assert_no_hooks(model)
+
+
 # --------------------------------------------------------------------------- resume, fingerprints
 KILL_MODEL = """
 import os

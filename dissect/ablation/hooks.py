@@ -1,10 +1,14 @@
 """Forward hooks that ablate units of a layer, and the replacement rules.
 
 A unit is a channel (axis 1) of a layer's output tensor, which must be (B, C, H, W) or (B, C) -- the
-layouts in which the recorder's units are also axis 1 (DESIGN §4a). Token outputs (B, T, C) and
-channel-last (B, H, W, C) layers are refused with a LayerError (:func:`check_unit_shape`,
-:func:`check_recorded_layout`): ablating axis 1 there would address tokens or rows, not the
-channels the dissection labels. Ablating a set of units replaces their output maps by a per-unit
+layouts in which the recorder's units are also axis 1 (DESIGN §4a). Channel-last (B, H, W, C)
+layers are refused with a LayerError (:func:`check_unit_shape`, :func:`check_recorded_layout`):
+ablating axis 1 there would address rows, not the channels the dissection labels. Token outputs
+(B, T, C) of transformers are refused too unless the hook is told how many leading tokens the
+recorder left out (``drop_tokens``, the ``drop_tokens`` of the cache's ``unit_layout``; see
+:func:`token_drop`): then unit u is channel u (the last axis) of the patch tokens ``[drop:]``,
+and the class/register tokens ``[:drop]`` are left as they are -- exactly the positions the
+recorder's grid shows. Ablating a set of units replaces their output maps by a per-unit
 constant given by a rule:
 
 - ``zero`` (default): 0.
@@ -133,7 +137,8 @@ def check_unit_shape(shape: Any, layer: str) -> tuple[int, ...]:
     if not isinstance(shape, tuple) or len(shape) not in (2, 4):
         got = f"gives {shape}" if isinstance(shape, tuple) else f"outputs {shape}"
         if isinstance(shape, tuple) and len(shape) == 3:
-            got += " (transformer tokens (B, T, C)?)"
+            got += (" (transformer tokens (B, T, C)? the hooks ablate their channels when told "
+                    "the number of leading class/register tokens, drop_tokens)")
         raise LayerError(f"ablation supports layers with (B, C, H, W) (or (B, C)) outputs, units "
                          f"on axis 1; layer {layer!r} {got}. Ablate a convolutional layer or one "
                          "whose output has channels on axis 1")
@@ -153,10 +158,39 @@ def check_recorded_layout(layout: Any, layer: str) -> None:
                          "units (channels) are the last axis of the output")
 
 
-def _output_tensor(output: Any, layer: str) -> torch.Tensor:
-    check_unit_shape(tuple(output.shape) if isinstance(output, torch.Tensor)
-                     else type(output).__name__, layer)
+def token_drop(unit_layout: Any) -> int | None:
+    """The ``drop_tokens`` of a cache's ``unit_layout`` (``CacheInfo.unit_layout``) when the layer
+    was recorded as tokens, else None (units on axis 1)."""
+    if isinstance(unit_layout, dict) and unit_layout.get("layout") == "tokens":
+        return int(unit_layout.get("drop_tokens", 0))
+    return None
+
+
+def check_token_shape(shape: Any, layer: str, drop_tokens: int) -> tuple[int, ...]:
+    """LayerError unless ``shape`` is a (B, T, C) token output with more than ``drop_tokens``
+    tokens (units are then its C channels of the patch tokens ``[drop_tokens:]``)."""
+    if not isinstance(shape, tuple) or len(shape) != 3 or shape[1] <= drop_tokens:
+        got = f"gives {shape}" if isinstance(shape, tuple) else f"outputs {shape}"
+        raise LayerError(f"layer {layer!r} was to be ablated as transformer tokens (B, T, C) "
+                         f"with {drop_tokens} leading class/register tokens, but it {got}")
+    return shape
+
+
+def _output_tensor(output: Any, layer: str, drop_tokens: int | None = None) -> torch.Tensor:
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if drop_tokens is None:
+        check_unit_shape(shape, layer)
+    else:
+        check_token_shape(shape, layer, drop_tokens)
     return output
+
+
+def _units_last(tensor: torch.Tensor, drop_tokens: int | None) -> torch.Tensor:
+    """A (B, U, ...) view of the units: the layer output itself, or for tokens the (B, U, T')
+    view of the patch tokens (a view: writes to it change ``tensor``)."""
+    if drop_tokens is None:
+        return tensor
+    return tensor[:, drop_tokens:, :].transpose(1, 2)
 
 
 def apply_unit_masks(acts: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -254,12 +288,15 @@ def once_per_forward(model: nn.Module, layer: str) -> Iterator[Callable[[], None
 
 @contextmanager
 def ablate_units(model: nn.Module, layer: str, units: Sequence[int] | np.ndarray,
-                 rule: str = "zero", means: np.ndarray | None = None) -> Iterator[None]:
+                 rule: str = "zero", means: np.ndarray | None = None,
+                 drop_tokens: int | None = None) -> Iterator[None]:
     """Ablate ``units`` of ``layer`` during the ``with`` block.
 
     A forward hook on the module replaces the output maps of the chosen units (axis 1 of the output
     tensor) by the rule's value: ``zero`` -> 0, ``mean`` -> ``means[u]`` (per-unit dataset mean,
-    (U,) array). The hook is removed on exit, also after an exception.
+    (U,) array). The hook is removed on exit, also after an exception. For a token layer
+    ((B, T, C) output) pass ``drop_tokens`` (see :func:`token_drop`): unit u is then channel u of
+    the patch tokens ``[drop_tokens:]``; the leading class/register tokens keep their values.
 
     Parameters
     ----------
@@ -269,6 +306,8 @@ def ablate_units(model: nn.Module, layer: str, units: Sequence[int] | np.ndarray
         checked at the first forward, when U is known)
     rule : 'zero' | 'mean' (or any name added with :func:`register_rule`)
     means : (U,) float array, needed by ``rule='mean'``
+    drop_tokens : None (units on axis 1) or, for a (B, T, C) token layer, the number of leading
+        tokens left as they are
 
     Examples
     --------
@@ -281,15 +320,16 @@ def ablate_units(model: nn.Module, layer: str, units: Sequence[int] | np.ndarray
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
         note_call()
-        tensor = _output_tensor(output, layer)
-        n_units = tensor.shape[1]
+        tensor = _output_tensor(output, layer, drop_tokens)
+        out = tensor.clone()
+        units_view = _units_last(out, drop_tokens)          # (B, U, ...), a view of out
+        n_units = units_view.shape[1]
         check_units(unit_array, n_units)
         fill = torch.from_numpy(fill_values(rule, n_units, means))
         index = torch.from_numpy(unit_array).to(tensor.device)
-        out = tensor.clone()
-        shape = (len(unit_array),) + (1,) * (tensor.dim() - 2)
-        out[:, index] = fill[index.cpu()].to(device=tensor.device,
-                                             dtype=tensor.dtype).reshape(shape)
+        shape = (len(unit_array),) + (1,) * (units_view.dim() - 2)
+        units_view[:, index] = fill[index.cpu()].to(device=tensor.device,
+                                                    dtype=tensor.dtype).reshape(shape)
         return out
 
     with once_per_forward(model, layer) as note_call, forward_hook(module, hook):
@@ -298,7 +338,8 @@ def ablate_units(model: nn.Module, layer: str, units: Sequence[int] | np.ndarray
 
 @contextmanager
 def ablate_unit_sets(model: nn.Module, layer: str, masks: np.ndarray | torch.Tensor,
-                     rule: str = "zero", means: np.ndarray | None = None) -> Iterator[None]:
+                     rule: str = "zero", means: np.ndarray | None = None,
+                     drop_tokens: int | None = None) -> Iterator[None]:
     """Evaluate S unit sets in one forward: the batched form of :func:`ablate_units`.
 
     Inside the block, feed the model a batch replicated S times along the batch axis, set-major
@@ -308,18 +349,41 @@ def ablate_unit_sets(model: nn.Module, layer: str, masks: np.ndarray | torch.Ten
     Parameters
     ----------
     masks : (S, U) bool array or tensor, ``masks[s, u]`` = unit u ablated in set s
-    rule, means : as in :func:`ablate_units`
+    rule, means, drop_tokens : as in :func:`ablate_units`
     """
     mask_array = np.asarray(masks, dtype=bool)
     if mask_array.ndim != 2:
         raise OptionError(f"masks must be (S, U) bool, got shape {mask_array.shape}")
-    with ablate_with_fill(model, layer, mask_array, fill_values(rule, mask_array.shape[1], means)):
+    with ablate_with_fill(model, layer, mask_array, fill_values(rule, mask_array.shape[1], means),
+                          drop_tokens=drop_tokens):
         yield
+
+
+def mask_replicated_tokens(tokens: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor,
+                           drop_tokens: int) -> torch.Tensor:
+    """:func:`mask_replicated` for an (S * B, T, U) token batch: set s ablates channel u of the
+    patch tokens ``[drop_tokens:]`` of its rows; the leading tokens keep their values.
+
+    Returns a new (S * B, T, U) tensor.
+    """
+    n_sets, n_units = masks.shape
+    if tokens.shape[0] % n_sets:
+        raise ValueError(f"batch of {tokens.shape[0]} rows is not a multiple of {n_sets} sets")
+    if tokens.shape[2] != n_units:
+        raise OptionError(f"unit masks have {n_units} units but the token layer has "
+                          f"{tokens.shape[2]} channels (shape {tuple(tokens.shape)})")
+    rows = tokens.shape[0] // n_sets
+    per_set = tokens.reshape(n_sets, rows, tokens.shape[1], n_units)
+    patches = torch.arange(tokens.shape[1], device=tokens.device) >= drop_tokens
+    mask_view = masks.to(tokens.device).reshape(n_sets, 1, 1, n_units) \
+        & patches.reshape(1, 1, -1, 1)
+    fill_view = fill.to(device=tokens.device, dtype=tokens.dtype).reshape(1, 1, 1, n_units)
+    return torch.where(mask_view, fill_view, per_set).reshape(tokens.shape)
 
 
 @contextmanager
 def ablate_with_fill(model: nn.Module, layer: str, masks: np.ndarray,
-                     fill: np.ndarray) -> Iterator[None]:
+                     fill: np.ndarray, drop_tokens: int | None = None) -> Iterator[None]:
     """:func:`ablate_unit_sets` with explicit fill values (U,) float32 instead of a rule."""
     module = find_module(model, layer)
     mask_tensor = torch.as_tensor(np.asarray(masks, dtype=bool))
@@ -327,7 +391,10 @@ def ablate_with_fill(model: nn.Module, layer: str, masks: np.ndarray,
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
         note_call()
-        return mask_replicated(_output_tensor(output, layer), mask_tensor, fill_tensor)
+        tensor = _output_tensor(output, layer, drop_tokens)
+        if drop_tokens is not None:
+            return mask_replicated_tokens(tensor, mask_tensor, fill_tensor, drop_tokens)
+        return mask_replicated(tensor, mask_tensor, fill_tensor)
 
     with once_per_forward(model, layer) as note_call, forward_hook(module, hook):
         yield
