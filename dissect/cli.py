@@ -91,6 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--scheduler", help="Dask scheduler (default: the run's)")
     _quiet_option(ablate)
 
+    compose = sub.add_parser("compose", help="compositional labels (AND/OR/AND NOT formulas) "
+                                             "of tallied layers")
+    _run_option(compose)
+    compose.add_argument("--layers", nargs="+", help="layers (default: every recorded layer)")
+    add_options(compose, ("compose",), own="compose")
+    compose.add_argument("--scheduler", help="Dask scheduler (default: the run's)")
+    compose.add_argument("--device", help="torch device of the counting (default: the run's)")
+    _quiet_option(compose)
+
+    significance = sub.add_parser("significance", help="permutation p-values and q-values of "
+                                                       "every unit's label")
+    _run_option(significance)
+    significance.add_argument("--layers", nargs="+",
+                              help="layers (default: every recorded layer)")
+    add_options(significance, ("significance",), own="significance")
+    significance.add_argument("--scheduler", help="Dask scheduler (default: the run's)")
+    significance.add_argument("--device", help="torch device (default: the run's)")
+    _quiet_option(significance)
+
     report = sub.add_parser("report", help="render the HTML report of a run")
     report.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory")
     _run_option(report, required=False)
@@ -211,6 +230,35 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_command(args: argparse.Namespace, stage: str) -> tuple[Any, list[str]]:
+    """The run's config with this command's options (and --scheduler/--device) applied."""
+    config = _run_config(args.out, args, (stage,))
+    changes = {k: getattr(args, k) for k in ("scheduler", "device") if getattr(args, k, None)}
+    return (dataclasses.replace(config, **changes) if changes else config), []
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from dissect.run import compose_stage, format_composition
+
+    config, summary = _stage_command(args, "compose")
+    results = compose_stage(config, args.layers, progress=_progress(args), summary=summary,
+                            save_config=True)
+    for layer, result in results.items():
+        print(f"{format_composition(result)}; {Path(args.out) / layer / 'compositional.csv'}")
+    return 0
+
+
+def cmd_significance(args: argparse.Namespace) -> int:
+    from dissect.run import format_significance, significance_stage
+
+    config, summary = _stage_command(args, "significance")
+    results = significance_stage(config, args.layers, progress=_progress(args),
+                                 summary=summary, save_config=True)
+    for layer, result in results.items():
+        print(f"{format_significance(result)}; {Path(args.out) / layer / 'significance.csv'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dissect.run import report_stage
 
@@ -243,7 +291,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"dataset": cmd_dataset, "layers": cmd_layers, "record": cmd_record,
-            "tally": cmd_tally, "ablate": cmd_ablate, "report": cmd_report, "run": cmd_run,
+            "tally": cmd_tally, "compose": cmd_compose, "significance": cmd_significance,
+            "ablate": cmd_ablate, "report": cmd_report, "run": cmd_run,
             "demo": cmd_demo}
 
 

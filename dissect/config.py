@@ -34,6 +34,9 @@ __all__ = [
     "STUDIES",
     "ABLATION_RULES",
     "SCHEDULERS",
+    "FORMULA_OPS",
+    "SEARCHES",
+    "NEGATIONS",
     "STAGES",
     "Option",
     "RunConfig",
@@ -69,8 +72,13 @@ STUDIES: tuple[str, ...] = ("single", "topn", "concept", "random")
 ABLATION_RULES: tuple[str, ...] = ("zero", "mean")
 #: Local Dask schedulers; a ``tcp://host:port`` address of a dask.distributed scheduler also works.
 SCHEDULERS: tuple[str, ...] = ("threads", "processes", "synchronous")
+#: Operators of compositional formulas (DESIGN.md §10), their search and NOT semantics.
+FORMULA_OPS: tuple[str, ...] = ("or", "and", "and_not")
+SEARCHES: tuple[str, ...] = ("beam", "exact")
+NEGATIONS: tuple[str, ...] = ("global", "annotated")
 #: Which command sets an option (and the order of the help groups).
-STAGES: tuple[str, ...] = ("model", "record", "tally", "ablate", "run")
+STAGES: tuple[str, ...] = ("model", "record", "tally", "ablate", "compose", "significance",
+                           "run")
 
 
 # --- checks shared by the CLI, run.json and the Python API ----------------------------------
@@ -135,6 +143,17 @@ def check_iou_threshold(value: Any) -> float:
     if isinstance(value, bool) or not (math.isfinite(number) and 0.0 <= number <= 1.0):
         raise OptionError(f"--iou-threshold: expected a number in [0, 1], got {value!r}")
     return number
+
+
+def _candidates(value: Any) -> None:
+    if value != "all" and not (isinstance(value, str) and value.isdigit() and int(value) > 0):
+        raise OptionError(f"--candidates: expected 'all' or a positive number of labels, got "
+                          f"{value!r}")
+
+
+def _alpha(value: Any) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise OptionError(f"--alpha: expected a number in (0, 1), got {value!r}")
 
 
 def _sizes(value: Any) -> None:
@@ -202,6 +221,8 @@ class Option:
     check: extra check of a value (raises OptionError).
     path: a path, stored absolute.
     saved: kept in run.json (False: applies to one command only, e.g. ``--thresholds``).
+    own_flag: the flag in the stage's own command, where it differs from ``flag`` (``dissect
+        compose --categories`` is ``dissect run --compose-categories``).
     """
 
     stage: str
@@ -213,6 +234,7 @@ class Option:
     check: Callable[[Any], Any] | None = None
     path: bool = False
     saved: bool = True
+    own_flag: str | None = None
 
 
 def _option(stage: str, help: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -298,6 +320,40 @@ class RunConfig:
                                         parse="int_list", check=_sizes)
     concept: str | None = _option("ablate", "concept name for --study concept", None)
     seed: int = _option("ablate", "seed of the random unit sets", 0, parse="int")
+    compose: bool = _option("run", "also compute compositional labels after the tally",
+                            False, parse="flag")
+    max_length: int = _option("compose", "most leaves (labels) in a formula", 3, parse="int",
+                              check=_positive("--max-length"))
+    beam: int = _option("compose", "formulas kept per unit at each step of the beam search",
+                        5, parse="int", check=_positive("--beam"))
+    ops: tuple[str, ...] = _option("compose", "operators of formulas", FORMULA_OPS, many=True,
+                                   choices=FORMULA_OPS)
+    compose_categories: tuple[str, ...] | None = _option(
+        "compose", "categories whose labels may be leaves (default: the tally's)", None,
+        many=True, own_flag="--categories")
+    candidates: str = _option("compose", "labels tried as leaves: all, or the K best single "
+                                         "labels of each unit", "all", check=_candidates)
+    search: str = _option("compose", "beam search, or exact search with bounds (slower, "
+                                     "optimal)", "beam", choices=SEARCHES)
+    negation: str = _option("compose", "NOT c is the complement over every pixel (global) or "
+                                       "only inside images annotated in c's category",
+                            "global", choices=NEGATIONS)
+    significance: bool = _option("run", "also test every label against a permutation null "
+                                        "after the tally", False, parse="flag")
+    permutations: int = _option("significance", "permutations of the null", 100, parse="int",
+                                check=_positive("--permutations"))
+    significance_seed: int = _option("significance", "seed of the permutations", 0,
+                                     parse="int", own_flag="--seed")
+    alpha: float = _option("significance", "false discovery rate of the Benjamini-Hochberg "
+                                           "q-values", 0.05, parse="float", check=_alpha)
+    ci: bool = _option("significance", "also a bootstrap confidence interval of each label's "
+                                       "IoU", False, parse="flag")
+    select_split: str | None = _option("significance", "choose each unit's label on this split "
+                                                       "(held-out labels; default every image)",
+                                       None)
+    significance_eval_split: str | None = _option(
+        "significance", "report IoU and p of the label on this split (with --select-split)",
+        None, own_flag="--eval-split")
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -413,18 +469,21 @@ def _default_text(item: dataclasses.Field) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser, stages: Iterable[str], *,
-                required: Sequence[str] = (), skip: Sequence[str] = ()) -> None:
+                required: Sequence[str] = (), skip: Sequence[str] = (),
+                own: str | None = None) -> None:
     """Add the command-line options of ``stages`` to ``parser``, generated from RunConfig.
 
     Values default to None (so that only options given on the command line override a
-    ``--config`` file or the run's run.json); the help text states the real default.
+    ``--config`` file or the run's run.json); the help text states the real default. ``own``
+    names the stage whose command this is: its options use their ``own_flag``.
     """
     for name in options_of(stages):
         if name in skip:
             continue
         item = _FIELDS[name]
         option: Option = item.metadata["option"]
-        flags = [option.flag or "--" + name.replace("_", "-")]
+        own_flag = option.own_flag if own is not None and option.stage == own else None
+        flags = [own_flag or option.flag or "--" + name.replace("_", "-")]
         if name == "out":
             flags.append("--out")       # DESIGN.md §9 spells it --out for record and run
         kwargs: dict[str, Any] = {"help": option.help + _default_text(item), "dest": name}

@@ -336,6 +336,8 @@ def format_detectors(result: DissectionResult) -> str:
     per_category = ", ".join(f"{s.category} {s.n_units}" for s in summary if s.n_units)
     units = sum(s.n_units for s in summary)
     concepts = sum(s.n_concepts for s in summary)
+    source = "given thresholds" if result.quantile is None else f"quantile {result.quantile}"
     return (f"{result.layer}: {units}/{result.n_units} units detect a concept "
-            f"(IoU >= {result.iou_threshold}), {concepts} unique concepts"
+            f"(IoU >= {result.iou_threshold}; {source}, union {result.union}), {concepts} unique "
+            f"concepts"
             f"{f' ({per_category})' if per_category else ''}")

@@ -23,7 +23,8 @@ from dissect.config import RECORDING_FIELDS, RunConfig
 from dissect.errors import CacheError, OptionError
 from dissect.rundir import RunDir, StageTiming, stage_timer
 
-__all__ = ["RunConfig", "RunDir", "record_stage", "tally_stage", "ablation_stage",
+__all__ = ["RunConfig", "RunDir", "record_stage", "tally_stage", "compose_stage",
+           "significance_stage", "ablation_stage",
            "report_stage", "run_pipeline", "read_run", "read_config", "write_run_json",
            "stage_timer", "StageTiming", "open_dataset"]
 
@@ -318,6 +319,120 @@ def ablation_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
     return results
 
 
+# --- compositional labels and significance --------------------------------------------------
+
+def _tallied(run: RunDir, config: RunConfig, layer: str, command: str) -> tuple[Any, Any]:
+    """(cache info, DissectionResult) of a tallied layer; CacheError saying to tally first."""
+    from dissect.tally import load_dissection
+
+    info = checked_cache(run, config, layer)
+    if not run.dissection(layer).is_file():
+        raise CacheError(f"{run.dissection(layer)} does not exist: `dissect {command}` uses the "
+                         f"tally's thresholds; run `dissect tally --run {run.path} --layers "
+                         f"{layer}` first")
+    return info, load_dissection(run.layer_dir(layer))
+
+
+def compose_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
+                  progress: bool = False, summary: list[str] | None = None,
+                  save_config: bool = False) -> dict[str, Any]:
+    """Compositional labels (DESIGN.md §10) of each tallied layer, from the tally's thresholds.
+
+    A layer whose ``compositional.json`` holds the same options and cache fingerprint is
+    reused. Returns layer -> CompositionResult.
+    """
+    from dissect.compose import compose_layer
+
+    run = RunDir(config.out)
+    dataset = open_dataset(config)
+    results = {}
+    for layer in layers or config.layers:
+        info, dissection = _tallied(run, config, layer, "compose")
+        with stage_timer() as timing:
+            results[layer] = compose_layer(
+                info.path, dataset, dissection.thresholds, layer=layer,
+                max_length=config.max_length, beam=config.beam, ops=config.ops,
+                categories=config.compose_categories, candidates=config.candidates,
+                search=config.search, negation=config.negation, scheduler=config.scheduler,
+                device=config.device, fingerprint=info.fingerprint,
+                out_dir=run.layer_dir(layer), progress=progress)
+        timing.extra["options"] = {**results[layer].options}
+        run.record_stage(f"compose:{layer}", timing)
+        _log(summary, f"compose {layer}: done in {timing.wall_s:.1f} s")
+        _log(summary, format_composition(results[layer]))
+    if save_config:
+        run.write_config(config)
+    return results
+
+
+def significance_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
+                       progress: bool = False, summary: list[str] | None = None,
+                       save_config: bool = False) -> dict[str, Any]:
+    """Permutation p-values, q-values and baselines (DESIGN.md §12) of each tallied layer's
+    labels, with the tally's thresholds, union rule and IoU cut-off. A layer whose
+    ``significance.h5`` holds the same options and cache is reused. Returns layer ->
+    SignificanceResult."""
+    from dissect.significance import (
+        load_significance,
+        significance_is_current,
+        significance_layer,
+        significance_options,
+    )
+
+    run = RunDir(config.out)
+    dataset = open_dataset(config)
+    results = {}
+    for layer in layers or config.layers:
+        info, dissection = _tallied(run, config, layer, "significance")
+        options = significance_options(
+            dissection.thresholds, permutations=config.permutations,
+            seed=config.significance_seed, alpha=config.alpha, ci=config.ci,
+            select_split=config.select_split, eval_split=config.significance_eval_split,
+            union=dissection.union, iou_threshold=dissection.iou_threshold,
+            categories=tuple(dataset.categories))
+        if significance_is_current(run.layer_dir(layer), options, info.fingerprint):
+            results[layer] = load_significance(run.layer_dir(layer))
+            _log(summary, f"significance {layer}: reused (same cache and options)")
+            continue
+        with stage_timer() as timing:
+            results[layer] = significance_layer(
+                info.path, dataset, dissection.thresholds, layer=layer,
+                permutations=config.permutations, seed=config.significance_seed,
+                alpha=config.alpha, ci=config.ci, select_split=config.select_split,
+                eval_split=config.significance_eval_split, union=dissection.union,
+                iou_threshold=dissection.iou_threshold, scheduler=config.scheduler,
+                device=config.device, fingerprint=info.fingerprint,
+                out_dir=run.layer_dir(layer), progress=progress)
+        timing.extra["options"] = options
+        run.record_stage(f"significance:{layer}", timing)
+        _log(summary, f"significance {layer}: computed in {timing.wall_s:.1f} s")
+        _log(summary, format_significance(results[layer]))
+    if save_config:
+        run.write_config(config)
+    return results
+
+
+def format_composition(result: Any) -> str:
+    """One line: how much the formulas raise IoU over the best single label."""
+    units = [u for u in result.units if u.best is not None]
+    if not units:
+        return f"{result.layer}: no unit has a formula with IoU > 0"
+    gains = [u.best.iou - u.label_iou for u in units]
+    longer = sum(u.best.formula.length > 1 for u in units)
+    return (f"{result.layer}: formulas for {len(units)}/{len(result.units)} units, mean IoU gain "
+            f"over the single label {sum(gains) / len(gains):+.4f}"
+            + (f", {longer} with more than one leaf" if longer else ""))
+
+
+def format_significance(result: Any) -> str:
+    """One line: labels significant at the chosen false discovery rate."""
+    labeled = result.unit_label > 0
+    alpha = result.options.get("alpha", "alpha")
+    return (f"{result.layer}: {int(result.significant.sum())}/{int(labeled.sum())} unit labels "
+            f"significant (BH q <= {alpha}, {result.options.get('permutations')} permutations, "
+            f"union {result.options.get('union')})")
+
+
 # --- report ---------------------------------------------------------------------------------
 
 def report_stage(run_dir: str | os.PathLike[str], *, summary: list[str] | None = None
@@ -343,7 +458,8 @@ def _log(summary: list[str] | None, line: str) -> None:
 
 def run_pipeline(config: RunConfig, *, force: bool = False, progress: bool = True,
                  summary: list[str] | None = None) -> Path:
-    """Record, tally, (ablate,) report. Resumes whatever is already done. Returns index.html.
+    """Record, tally, (compose, significance, ablate,) report. Resumes whatever is already
+    done. Returns index.html.
 
     ``summary`` (a list) receives the lines of what was reused and what computed, with times,
     then one detector line per layer (naming the quantile and union rule used).
@@ -352,6 +468,10 @@ def run_pipeline(config: RunConfig, *, force: bool = False, progress: bool = Tru
     saved = RunDir(config.out).config()
     config = dataclasses.replace(saved, thresholds=config.thresholds)
     results = tally_stage(config, force=force, progress=progress, summary=summary)
+    if config.compose:
+        compose_stage(config, progress=progress, summary=summary)
+    if config.significance:
+        significance_stage(config, progress=progress, summary=summary)
     if config.ablate:
         ablation_stage(config, progress=progress, summary=summary)
     index = report_stage(config.out, summary=summary)
