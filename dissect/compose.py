@@ -83,7 +83,7 @@ SCHEMA_VERSION = 1
 SEARCHES = ("beam", "exact")
 NEGATIONS = ("global", "annotated")
 #: Largest (formula + pair) x column count of one pass's dense result (int64 values).
-_PASS_VALUES = 24 * 1024 * 1024
+_PASS_VALUES = 8 * 1024 * 1024
 
 
 # ----------------------------------------------------------------------------- results
@@ -723,7 +723,7 @@ def _beam_search(context: _Context, base: _Base, candidates: np.ndarray, beams: 
                 allowed = _allowed_mask(formula, candidates[u], op_codes)
                 values = np.where(allowed & (iou[k] > 0), iou[k], 0.0)
                 per_unit[u].append((formula, area[k], inter[k], values))
-        for u in live:
+        for u in sorted(live):
             entries = {entry.formula.key(): entry for entry in beams[u]}
             if per_unit[u]:
                 stacked = np.stack([values for *_, values in per_unit[u]])  # (b, 3, L)
@@ -816,24 +816,26 @@ def _exact_search(context: _Context, base: _Base, candidates: np.ndarray,
                 allowed = _allowed_mask(formula, candidates[u], op_codes)
                 op_index, labels = np.nonzero(allowed)
                 values = iou[k][op_index, labels]
-                # the best child first: candidates for a new incumbent
-                top = values.max(initial=0.0)
-                if top > 0 and top >= floor(u):
-                    for t in np.flatnonzero(values >= floor(u)).tolist():
-                        entry = BeamEntry(
-                            formula.extend(OPS[op_index[t]], int(labels[t])).canonical(),
-                            int(area[k][op_index[t], labels[t]]),
-                            int(inter[k][op_index[t], labels[t]]), float(values[t]))
-                        if better(entry, u):
-                            best[u] = entry
+                areas = area[k][op_index, labels]
+                inters = inter[k][op_index, labels]
+
+                def entry_of(t: int, formula: Formula = formula) -> BeamEntry:
+                    return BeamEntry(formula.extend(OPS[op_index[t]], int(labels[t]))
+                                     .canonical(), int(areas[t]), int(inters[t]),
+                                     float(values[t]))
+
+                # candidates for a new incumbent: children at or above its IoU
+                for t in np.flatnonzero((values > 0) & (values >= floor(u))).tolist():
+                    entry = entry_of(t)
+                    if better(entry, u):
+                        best[u] = entry
                 if depth + 1 < max_length:
-                    for t in range(len(values)):
-                        formula_t = formula.extend(OPS[op_index[t]], int(labels[t])).canonical()
-                        key = formula_t.key()
-                        if key not in children[u]:
-                            children[u][key] = BeamEntry(
-                                formula_t, int(area[k][op_index[t], labels[t]]),
-                                int(inter[k][op_index[t], labels[t]]), float(values[t]))
+                    bounds = subtree_bound(areas, inters, int(m[u]), label_area,
+                                           base.joint[u, :n_labels], base.n_pixels,
+                                           max_length - depth - 1, ops)
+                    for t in np.flatnonzero((bounds > 0) & (bounds >= floor(u))).tolist():
+                        entry = entry_of(t)
+                        children[u].setdefault(entry.formula.key(), entry)
         frontier = {u: sorted(nodes.values(), key=lambda e: e.formula.key())
                     for u, nodes in children.items()}
     return best

@@ -278,15 +278,9 @@ def subtree_bound(area: np.ndarray, inter: np.ndarray, mask_area: int, label_are
     m = int(mask_area)
     if m == 0 or len(area) == 0:
         return np.zeros(len(area), np.float64)
-    codes = [OP_CODES[op] for op in ops]
     if remaining == 1:
-        out = np.zeros(len(area), np.float64)
-        for start in range(0, len(area), block):
-            bounds = one_step_bounds(area[start:start + block], inter[start:start + block], m,
-                                     label_area, joint, n_pixels)
-            out[start:start + block] = bounds[:, codes, :].max(axis=(1, 2)) \
-                if bounds.shape[2] else 0.0
-        return out
+        return _one_step_max(area, inter, m, np.asarray(label_area, np.int64),
+                             np.asarray(joint, np.int64), int(n_pixels), ops)
     if "or" in ops:
         top = np.sort(np.asarray(joint, np.int64))[::-1][:remaining].sum()
         best_inter = np.minimum(inter + top, m)
@@ -294,6 +288,43 @@ def subtree_bound(area: np.ndarray, inter: np.ndarray, mask_area: int, label_are
         best_inter = inter
     false_positives = (area - inter) if set(ops) == {"or"} else np.zeros_like(area)
     return best_inter / (m + false_positives).astype(np.float64)
+
+
+def _one_step_max(area: np.ndarray, inter: np.ndarray, m: int, label_area: np.ndarray,
+                  joint: np.ndarray, n_pixels: int, ops: Sequence[str]) -> np.ndarray:
+    """max over labels d and allowed ops of an upper bound of :func:`one_step_bounds`, in
+    O(log L) per formula (closed forms, each >= the per-label bound it replaces):
+
+    - OR, labels with fp_d <= FP: min(i + max j_d, m) / (m + FP) (prefix max over fp order);
+      labels with fp_d > FP: i / (m + FP) + max j_d / (m + fp_d) (suffix max), capped at 1;
+    - AND: min(i, max j_d) / m;
+    - AND NOT: min(i, m - min j_d) / (m + max(0, FP - max fp_d)).
+    """
+    a = area.astype(np.float64)
+    i = inter.astype(np.float64)
+    fp = a - i
+    fp_d = (label_area - joint).astype(np.float64)
+    j = joint.astype(np.float64)
+    out = np.zeros(len(area), np.float64)
+    if len(j) == 0:
+        return out
+    if "or" in ops:
+        order = np.argsort(fp_d, kind="stable")
+        sorted_fp = fp_d[order]
+        prefix = np.maximum.accumulate(j[order])
+        ratio = j[order] / (m + sorted_fp)
+        suffix = np.maximum.accumulate(ratio[::-1])[::-1]
+        split = np.searchsorted(sorted_fp, fp, side="right")     # labels [0, split): fp_d <= FP
+        low = np.where(split > 0, np.minimum(i + prefix[np.maximum(split - 1, 0)], m)
+                       / (m + fp), 0.0)
+        high = np.where(split < len(j), np.minimum(
+            1.0, i / (m + fp) + suffix[np.minimum(split, len(j) - 1)]), 0.0)
+        out = np.maximum(out, np.maximum(low, high))
+    if "and" in ops:
+        out = np.maximum(out, np.minimum(i, j.max()) / m)
+    if "and_not" in ops:
+        out = np.maximum(out, np.minimum(i, m - j.min()) / (m + np.maximum(0.0, fp - fp_d.max())))
+    return out
 
 
 def formula_arrays(formulas: Sequence[Formula | None], depth: int | None = None
