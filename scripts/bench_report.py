@@ -8,7 +8,13 @@ through ``amax``), for the strips (masks, thumbnails, JPEG) and for the pages, t
 decodes against the number of distinct images shown, and the ratio to a naive strip writer that
 decodes an image and reads a whole activation row for every (unit, image) pair.
 
-Usage: ``python scripts/bench_report.py [--units 512] [--images 300] [--size 112] [--out DIR]``
+With ``--study`` the run also gets generated later results for every unit (ablation.csv with the
+single, top-N, keep, random and concept studies over 10 classes, importance.csv,
+compositional.csv, significance.csv and significance.h5 with 100 permutations), so the data model
+and the pages include every section of the report.
+
+Usage: ``python scripts/bench_report.py [--units 512] [--images 300] [--size 112] [--study]
+[--out DIR]``
 """
 
 from __future__ import annotations
@@ -78,6 +84,76 @@ def naive_strips(run_dir: Path, layer: dict, thresholds: np.ndarray, dataset: Br
         (out_dir / f"naive_{u:04d}.jpg").write_bytes(rimages.encode_jpeg(strip))
 
 
+def write_study_results(layer_dir: Path, n_units: int, n_classes: int = 10,
+                        permutations: int = 100) -> None:
+    """Generated (seeded) later results of every unit: ablation.csv (single, topn, keep, random,
+    concept), importance.csv, compositional.csv, significance.csv and significance.h5."""
+    import csv
+
+    import h5py
+
+    from dissect.report.data import ABLATION_COLUMNS
+
+    rng = np.random.default_rng(0)
+    classes = [f"class{c}" for c in range(n_classes)]
+    base = rng.uniform(0.5, 1.0, n_classes)
+    rows = []
+
+    def add(study: str, name: str, units: list[int], values: np.ndarray) -> None:
+        text = ";".join(map(str, units))
+        for c, cls in enumerate(classes):
+            v = float(values[c])
+            rows.append([study, name, text, cls, 20, v, v, v, v, v])
+
+    for study in ("single", "topn", "random", "concept"):
+        add(study, "baseline", [], base)
+    for u in range(n_units):
+        add("single", f"unit{u}", [u], base - rng.exponential(0.01, n_classes))
+    sizes = [n for n in (1, 2, 4, 8, 16) if n <= n_units // 2]
+    for c, cls in enumerate(classes):
+        for n in sizes:
+            units = sorted(rng.choice(n_units, n, replace=False).tolist())
+            add("topn", f"{cls}:top{n}", units, base - 0.04 * n)
+            add("keep", f"{cls}:keep{n}", sorted(set(range(n_units)) - set(units)),
+                base * 0.1 * np.log2(n + 1))
+    for n in sizes:
+        for r in range(5):
+            add("random", f"random{n}#{r}", sorted(rng.choice(n_units, n, replace=False).tolist()),
+                base - rng.uniform(0, 0.01 * n, n_classes))
+    add("concept", "sky", list(range(0, n_units, 50)), base - 0.1)
+    with (layer_dir / "ablation.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(ABLATION_COLUMNS)
+        writer.writerows(rows)
+    with (layer_dir / "importance.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["unit", "n_classes", "classes", "label", "category", "iou"])
+        for u in range(n_units):
+            chosen = classes[: u % 3]
+            writer.writerow([u, len(chosen), ";".join(chosen), "", "", ""])
+    with (layer_dir / "compositional.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["unit", "formula", "formula_ids", "leaves", "iou", "label", "label_iou",
+                         "categories", "optimal"])
+        for u in range(n_units):
+            writer.writerow([u, "(a OR b) AND NOT c", "[1, 2, 3]", 3, 0.2, "a", 0.1, "object",
+                             "unknown"])
+    observed = rng.uniform(0, 0.2, n_units)
+    null = rng.uniform(0, 0.1, (permutations, n_units))
+    with (layer_dir / "significance.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["unit", "label", "category", "iou", "iou0", "fisher_or", "fisher_p",
+                         "perm_p", "null_mean", "null_sd", "z", "q", "ci_low", "ci_high",
+                         "significant"])
+        for u in range(n_units):
+            p = float((1 + (null[:, u] >= observed[u]).sum()) / (permutations + 1))
+            writer.writerow([u, "a", "object", observed[u], 0.01, 1.0, 0.5, p, 0.05, 0.02, 1.0,
+                             p, "", "", "yes" if p <= 0.05 else "no"])
+    with h5py.File(layer_dir / "significance.h5", "w") as f:
+        f["observed"] = observed
+        f["null"] = null
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=512)
@@ -86,6 +162,9 @@ def main() -> None:
     parser.add_argument("--naive-units", type=int, default=64,
                         help="units written by the naive reference writer")
     parser.add_argument("--out", type=Path, default=None, help="work directory (default: temp)")
+    parser.add_argument("--study", action="store_true",
+                        help="add generated ablation, importance, compositional and significance "
+                             "results of every unit (every report section)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,6 +181,8 @@ def main() -> None:
         caches = record_activations(model, dataset, [LAYER], run_dir, mean=IMAGENET_MEAN,
                                     std=IMAGENET_STD, batch_size=50, progress=False)
         dissect_layer(caches[LAYER], dataset, layer=LAYER, out_dir=run_dir / LAYER)
+        if args.study:
+            write_study_results(run_dir / LAYER, args.units)
         setup = time.perf_counter() - t0
 
         counting = CountingDataset(dataset)
@@ -129,7 +210,8 @@ def main() -> None:
         per100 = 100.0 / args.units
         strip_bytes = sum(p.stat().st_size for p in (out / "img").rglob("*.jpg"))
         print(f"synthetic run: {args.images} images {args.size}x{args.size}, layer {LAYER!r} "
-              f"{args.units} units, 7x7 maps, top {data['top_k']} (setup {setup:.1f} s)")
+              f"{args.units} units, 7x7 maps, top {data['top_k']} (setup {setup:.1f} s)"
+              f"{'; with every study section' if args.study else ''}")
         total = t_data + t_strips + t_pages
         for name, seconds in [("data model (top images via amax)", t_data),
                               ("strips (masks, thumbnails, JPEG)", t_strips),

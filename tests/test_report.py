@@ -607,9 +607,9 @@ def test_report_json_matches_dissection_and_cache(synthetic_run: Path, rendered:
                                                             None]
     assert layer["compositional"] == {"units": 2, "mean_gain": 0.05, "mean_iou": 0.225}
     assert layer["units"][0]["formula"]["gain"] == 0.1
-    detector = layer["units"][0]["detector"]
+    detector, other = layer["units"][0]["detector"], layer["units"][1]["detector"]
     assert layer["significance"] == {"tested": 2, "significant": 1, "share": 0.5,
-                                     "detectors": int(detector) + int(layer["units"][1]["detector"]),
+                                     "detectors": int(detector) + int(other),
                                      "detectors_significant": int(detector)}
     assert [u["significance"]["significant"] if u["significance"] else None
             for u in layer["units"]] == [True, False, None, None, None, None]
@@ -939,3 +939,12 @@ def test_layer_page_shows_the_study(synthetic_run: Path, rendered: Path) -> None
     assert "img&lt;1&gt;.jpg &rarr; kitchen (logit 3.500)" in explain_page
     assert '<img src="explain/demo/dog.png" alt="dog (80.0 %)">' in explain_page
     assert (rendered.parent / "explain" / "demo" / "dog.png").is_file()
+
+
+def test_null_histograms_leave_out_nan() -> None:
+    from dissect.report import studies
+
+    hists = studies.null_histograms(np.array([np.nan, 0.4]),
+                                    np.array([[np.nan, 0.1], [0.2, np.nan]]), bins=2)
+    assert hists[0] == {"edges": [0.0, 0.1, 0.2], "counts": [0, 1], "observed": 0.0, "exceed": 1}
+    assert hists[1]["counts"] == [1, 0] and hists[1]["exceed"] == 0

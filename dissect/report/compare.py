@@ -5,7 +5,8 @@ architectures, one layer across checkpoints: the comparison of the Network Disse
 The page (``out_dir/index.html``, data model in ``out_dir/compare.json``) shows per run, layer and
 category the detector units and unique concepts (a table and bar charts across runs), the concepts
 each run gains and loses against the first run, and for runs of the same model spec the label
-agreement of every unit of a layer both dissected. Units are 0-based (tally.csv numbers them from 1).
+agreement of every unit of a layer both dissected. Units are 0-based (tally.csv numbers them
+from 1).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """The report's data model: everything the templates show, computed from a run directory.
 
 :func:`build_report_data` reads ``run.json``, each layer's dissection, the activation cache's
-``amax`` (streamed in row chunks) and ``ablation.csv`` when present, and returns a plain dict of
+``amax`` (streamed in row chunks) and, when present, the layer's ``ablation.csv``,
+``importance.csv``, ``compositional.csv``, ``significance.csv``/``.h5`` (see
+:mod:`dissect.report.studies`) and the run's ``explain/*.json``, and returns a plain dict of
 str/int/float/bool/list/dict values (saved as ``report/report.json``). The helpers are pure
 functions over arrays so each piece can be tested on hand-made inputs.
 
 Units are 0-based channel indices everywhere in the report (as in ``ablation.csv``; ``tally.csv``
-numbers them from 1).
+numbers them from 1, which each unit carries as ``tally_unit``).
 """
 
 from __future__ import annotations
@@ -656,9 +658,11 @@ def build_report_data(
 
     Returns
     -------
-    ``{"schema_version", "model", "weights", "dataset", "n_images", "categories", "layers",
-    "missing_layers"}``; each layer as :func:`layer_data`. Layers without a dissection are listed
-    in ``missing_layers``.
+    ``{"schema_version", "model", "weights", "dataset", "n_images", "top_k", "quantile",
+    "categories", "layers", "missing_layers", "explanations"}``; each layer as :func:`layer_data`
+    with the results of :func:`layer_results`; ``explanations`` as
+    :func:`dissect.report.explain.read_explanations` of ``run_dir/explain``. Layers without a
+    dissection are listed in ``missing_layers``.
 
     Raises
     ------

@@ -109,7 +109,7 @@ def explanation_view(entry: dict[str, Any], where: str, top_k: int = TOP_CONCEPT
     logit = _round(entry.get("logit"))
     return {
         "image": str(entry.get("image", "")),
-        "target": entry.get("target"),
+        "target": entry.get("target") if isinstance(entry.get("target"), (int, str)) else None,
         "target_name": str(entry.get("target_name", entry.get("target", ""))),
         "logit": logit,
         "bias": _round(entry.get("bias")),

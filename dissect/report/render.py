@@ -626,7 +626,8 @@ def render_report(
     Writes ``report.json`` (the data model), ``index.html``, ``<layer>.html`` per dissected layer,
     ``img/<layer>/unit_NNNN.jpg`` (one strip per unit), ``files/<layer>/`` (copies of the layer's
     tally.csv, ablation.csv, importance.csv, compositional.csv, significance.csv when present) and
-    ``explain_<name>.html`` with the maps under ``explain/`` for each ``RUN_DIR/explain/<name>.json``. Identical inputs give identical bytes.
+    ``explain_<name>.html`` with the maps under ``explain/`` for each
+    ``RUN_DIR/explain/<name>.json``. Identical inputs give identical bytes.
 
     Raises
     ------

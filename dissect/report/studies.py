@@ -197,7 +197,8 @@ def ablation_curves(records: Sequence[AblationRecord]) -> list[dict[str, Any]]:
         if cls in removed:
             if top_base is not None and not math.isnan(top_base.value):
                 series_removed.append({"n": 0, "value": _round(top_base.value)})
-            series_removed += [{"n": k, "value": _round(v)} for k, v in sorted(removed[cls].items())]
+            series_removed += [{"n": k, "value": _round(v)}
+                               for k, v in sorted(removed[cls].items())]
         series_random = []
         if cls in random:
             if rand_base is not None and not math.isnan(rand_base.value):
@@ -463,7 +464,8 @@ def null_histograms(observed: np.ndarray, null: np.ndarray,
     -------
     U dicts ``{"edges": (bins + 1,), "counts": (bins,) int, "observed", "exceed"}``: bins
     ``[i * w, (i + 1) * w)`` with w = max(observed, max null) / bins (1 / bins when both are 0),
-    the last bin closed; ``exceed`` = #{b : T_b,u >= T_u}.
+    the last bin closed; ``exceed`` = #{b : T_b,u >= T_u}. Non-finite null values are left out
+    and a non-finite observed value counts as 0.
     """
     observed = np.asarray(observed, dtype=np.float64)
     null = np.asarray(null, dtype=np.float64)
@@ -473,13 +475,15 @@ def null_histograms(observed: np.ndarray, null: np.ndarray,
     out = []
     for u in range(observed.shape[0]):
         values = null[:, u]
-        top = max(float(observed[u]), float(values.max()) if values.size else 0.0)
+        values = values[np.isfinite(values)]              # NaN: a permutation without a value
+        obs = float(observed[u]) if np.isfinite(observed[u]) else 0.0
+        top = max(obs, float(values.max()) if values.size else 0.0)
         width = top / bins if top > 0 else 1.0 / bins
         index = np.minimum(np.floor(values / width).astype(np.int64), bins - 1)
         counts = np.bincount(np.clip(index, 0, bins - 1), minlength=bins)
         out.append({"edges": [_round(i * width) for i in range(bins + 1)],
-                    "counts": [int(c) for c in counts], "observed": _round(observed[u]),
-                    "exceed": int((values >= observed[u]).sum())})
+                    "counts": [int(c) for c in counts], "observed": _round(obs),
+                    "exceed": int((values >= obs).sum())})
     return out
 
 
