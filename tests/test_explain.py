@@ -276,6 +276,12 @@ def test_brute_force_contributions_of_an_inner_layer():
     np.testing.assert_allclose(np.stack([e.contributions for e in result]), expected,
                                rtol=1e-6, atol=1e-9)
     assert [e.target for e in result] == [1, 4]
+    # a module run twice per forward (a BasicBlock's shared ReLU): the last call, and a note
+    twice = explain_prediction(model, "layer4.1.relu", x[:1],
+                               resnet_dissection("layer4.1.relu", 512))[0]
+    assert any("ran 2 times" in note for note in twice.notes)
+    assert twice.bias is not None   # its last call is the block output that is pooled
+    assert twice.contributions.sum() + twice.bias == pytest.approx(twice.logit, rel=1e-4)
 
 
 # --------------------------------------------------------------------------- hooks and errors
@@ -452,7 +458,7 @@ def test_write_explanations_json_and_pngs(tmp_path):
         result[0].contributions[3]), "label": "dog", "iou": 0.3}
     assert first["concepts"][0]["label"] == "dog" and first["concepts"][0]["share"] == 1.0
     assert [m["kind"] for m in first["maps"]] == ["image", "gradcam", "concept", "saliency"]
-    assert first["maps"][2]["title"] == "dog (100%)"
+    assert first["maps"][2]["title"] == "dog (100%)" and first["maps"][2]["label"] == "dog"
     for entry in first["maps"]:
         png = tmp_path / "explain" / entry["path"]
         assert png.is_file() and Image.open(png).size == (8, 8)

@@ -261,6 +261,8 @@ class ConceptGroups:
         (U,) the dissection's label name and category of every unit.
     unit_ious:
         float64 (U,).
+    member_units:
+        (K,) the units of each concept, ascending.
     """
 
     names: tuple[str, ...]
@@ -269,6 +271,7 @@ class ConceptGroups:
     unit_labels: list[str]
     unit_categories: list[str]
     unit_ious: np.ndarray
+    member_units: tuple[tuple[int, ...], ...] = ()
 
     @property
     def unlabeled(self) -> np.ndarray:
@@ -323,7 +326,8 @@ def concept_groups(dissection: DissectionResult, group_by: str = "label",
     for k, key in enumerate(ordered):
         members[k, keys[key]] = True
     return ConceptGroups(tuple(k[0] for k in ordered), tuple(k[1] for k in ordered), members,
-                         labels, categories, ious)
+                         labels, categories, ious,
+                         tuple(tuple(np.flatnonzero(row).tolist()) for row in members))
 
 
 # --------------------------------------------------------------------------- forward/backward
@@ -335,7 +339,8 @@ class BatchAttribution:
     maps: float32 (B, U, h, w) per-position contributions (G * A or mean(G) * A);
     cam: float32 (B, h, w) Grad-CAM before ReLU; tokens: float64 (B,) or None;
     bias: float64 (B,) or None; patch_grad_zero: bool (B,); drop: leading tokens dropped (0 for
-    maps); input_size: (H, W).
+    maps); input_size: (H, W); calls: how often the layer ran in the forward pass (the last call
+    is explained).
     """
 
     logits: torch.Tensor
@@ -348,6 +353,7 @@ class BatchAttribution:
     patch_grad_zero: np.ndarray
     drop: int
     input_size: tuple[int, int]
+    calls: int = 1
 
 
 class _LayerGrab:
@@ -363,6 +369,7 @@ class _LayerGrab:
         modules = dict(model.named_modules())
         self.layer = layer
         self.output: torch.Tensor | None = None
+        self.calls = 0
         self.last_linear: tuple[nn.Linear, torch.Tensor, torch.Tensor] | None = None
         self.handles: list[Any] = []
         try:
@@ -383,6 +390,7 @@ class _LayerGrab:
         if not tensor.requires_grad:
             tensor = tensor.detach().requires_grad_(True)
         self.output = tensor
+        self.calls += 1
         replaced = tensor.clone()
         self.last_linear = None
         if isinstance(output, torch.Tensor):
@@ -507,7 +515,7 @@ def attribute_batch(model: nn.Module, layer: str, images: torch.Tensor, target: 
         grab.remove()
     return BatchAttribution(logits.detach().float(), chosen.cpu(),
                             contributions.cpu().numpy(), maps64.float(), cam, tokens, bias,
-                            patch_zero, drop, input_size)
+                            patch_zero, drop, input_size, grab.calls)
 
 
 # --------------------------------------------------------------------------- public API
@@ -543,7 +551,7 @@ def _concepts(values: np.ndarray, shares: np.ndarray, groups: ConceptGroups
               ) -> list[ConceptContribution]:
     order = sorted(range(len(groups.names)), key=lambda k: (-values[k], groups.names[k]))
     return [ConceptContribution(groups.names[k], groups.categories[k], float(values[k]),
-                                float(shares[k]), tuple(np.flatnonzero(groups.members[k]).tolist()))
+                                float(shares[k]), groups.member_units[k])
             for k in order]
 
 
@@ -706,6 +714,9 @@ def _build(result: BatchAttribution, groups: ConceptGroups, dissection: Dissecti
                              f"target (the head reads only the class token, as after the last "
                              f"block of a class-token ViT): every unit's contribution is 0 and "
                              f"the evidence is in the 'tokens' bucket; explain an earlier block")
+        if result.calls > 1:
+            notes.append(f"layer {layer!r} ran {result.calls} times in one forward pass; its "
+                         f"last call is explained (as the recorder records it)")
         if bias is None:
             notes.append(f"no linear head reading the global average pool of layer {layer!r} "
                          f"was detected: bias is null and the residual is what the layer's "

@@ -3,7 +3,8 @@
 The JSON is a list with one object per (image, target): the keys of DESIGN.md §11 (see
 :meth:`dissect.explain.Explanation.to_dict`) plus ``maps``, a list of
 ``{"kind", "title", "path"}`` with ``kind`` one of :data:`MAP_KINDS` and ``path`` the PNG's path
-relative to ``out_dir`` (``<name>/<i>_<kind>[_<k>].png``). Order: the image, Grad-CAM, the top-k
+relative to ``out_dir`` (``<name>/<i>_<kind>[_<k>].png``); concept maps also carry ``label`` (the
+concept's name, as in ``concepts``). Order: the image, Grad-CAM, the top-k
 concept maps (titled ``"concept (share %)"``), then the input-space maps.
 
 Heatmaps are drawn over the image: the map is scaled to [0, 1] by its maximum (its absolute
@@ -160,10 +161,14 @@ def write_explanations(
                               f"{image.dtype} {image.shape}")
         entries: list[dict[str, str]] = []
 
-        def emit(kind: str, title: str, picture: np.ndarray, suffix: str = "") -> None:
+        def emit(kind: str, title: str, picture: np.ndarray, suffix: str = "",
+                 label: str | None = None) -> None:
             file_name = f"{i}_{kind}{suffix}.png"
             _write_png(folder / file_name, picture)
-            entries.append({"kind": kind, "title": title, "path": f"{name}/{file_name}"})
+            entry = {"kind": kind, "title": title, "path": f"{name}/{file_name}"}
+            if label is not None:
+                entry["label"] = label
+            entries.append(entry)
 
         if image is not None:
             emit("image", "image", image)
@@ -172,7 +177,7 @@ def write_explanations(
         for k, (concept, heat) in enumerate(list(explanation.concept_maps.items())[:top_k]):
             share = next((c.share for c in explanation.concepts if c.label == concept), 0.0)
             title = f"{concept} ({_percent(share)})"
-            emit("concept", title, heatmap_overlay(heat, image), f"_{k}")
+            emit("concept", title, heatmap_overlay(heat, image), f"_{k}", label=concept)
         for kind, maps in extra.items():
             if kind == "gradcam":
                 continue
