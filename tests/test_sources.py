@@ -598,3 +598,26 @@ def test_imagefolder_ablation_metrics_equal_a_plain_hook_reference(image_folder:
                                        equal_nan=True)
         np.testing.assert_array_equal(metrics["n"], [3, 4, 5])
     assert not np.allclose(metrics["true_class_prob"][0], metrics["true_class_prob"][1])
+
+
+def test_imagefolder_records_a_cache_for_the_suffix_path(image_folder: Path, tmp_path: Path
+                                                         ) -> None:
+    """The recorder takes an ImageFolder set as it is (its own fingerprint), and ablation from
+    that cache (only the part after the layer runs) gives the hook path's metrics."""
+    from dissect.record import CacheReader, open_cache, record_activations
+
+    dataset = ImageFolderDataset(image_folder)
+    model = TinyClassifier().eval()
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    paths = record_activations(model, dataset, ["conv"], tmp_path / "run", mean=mean, std=std,
+                               dtype="float32", num_workers=0, progress=False, batch_size=5)
+    assert open_cache(paths["conv"]).fingerprint["dataset"] == dataset.fingerprint()
+    images = DatasetImages(dataset, mean, std)
+    cached = AblationStudy(model, "conv", dataset.labels, dataset.class_names, images=images,
+                           activations=CacheReader(paths["conv"]), scheduler="synchronous")
+    hooked = AblationStudy(model, "conv", dataset.labels, dataset.class_names, images=images,
+                           scheduler="synchronous", use_suffix=False)
+    assert cached.suffix_note == ""                     # the suffix path is taken
+    a, b = cached.evaluate([[0, 2]]).metrics, hooked.evaluate([[0, 2]]).metrics
+    for name in ("accuracy", "recall", "true_class_prob"):
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, equal_nan=True)
