@@ -616,6 +616,7 @@ def test_report_json_matches_dissection_and_cache(synthetic_run: Path, rendered:
     # unit 0: top = max(0.3, 0.3) -> width 0.025; null 0.01, 0.02 -> bin 0, 0.03 -> 1, 0.3 -> 11
     assert layer["units"][0]["null"]["counts"] == [2, 1] + [0] * 9 + [1]
     assert layer["units"][0]["null"]["exceed"] == 1
+    assert (layer["pooled_null"]["n_observed"], layer["pooled_null"]["n_null"]) == (6, 24)
     assert [u["tally_unit"] for u in layer["units"]] == [1, 2, 3, 4, 5, 6]
     assert sorted(layer["files"]) == ["ablation.csv", "compositional.csv", "importance.csv",
                                       "significance.csv", "tally.csv"]
@@ -856,7 +857,13 @@ def test_null_histograms_by_hand(tmp_path: Path) -> None:
     with h5py.File(path, "w") as f:
         f["observed"] = NULL_OBSERVED
         f["null"] = NULL_VALUES
-    assert studies.read_null_histograms(path, 6, block=4, bins=4) == hists
+    per_unit, pooled = studies.read_null_histograms(path, 6, block=4, bins=4)
+    assert per_unit == hists
+    # bins of 0.01: observed 0.3 -> bin 30 (the last non-empty bin), null has ten zeros of 24
+    assert (pooled["n_observed"], pooled["n_null"], len(pooled["edges"])) == (6, 24, 32)
+    assert pooled["observed"][30] == round(1 / 6, 6) and pooled["observed"][10] == round(2 / 6, 6)
+    assert pooled["null"][0] == round(10 / 24, 6) and pooled["null"][30] == round(1 / 24, 6)
+    assert abs(sum(pooled["null"]) - 1) < 1e-5
     with pytest.raises(CacheError, match=r"expected \(5,\) and \(B, 5\)"):
         studies.read_null_histograms(path, 5)
     with h5py.File(path, "w") as f:
@@ -928,6 +935,7 @@ def test_layer_page_shows_the_study(synthetic_run: Path, rendered: Path) -> None
     assert "formula: (x OR y) AND NOT &lt;b&gt;z&lt;/b&gt; (IoU 0.300" in page
     assert page.count('class="sig yes"') == 1 and page.count('class="sig no"') == 1
     assert page.count('class="null"') == N_UNITS
+    assert page.count('class="pooled"') == 2 * 31       # 31 bins of 0.01 (up to IoU 0.3)
     assert page.count("ablation: no class hurt") == 0
     assert page.count("not removed alone in the single-unit study") == 3
     assert page.count('<div class="ablation">') == 3

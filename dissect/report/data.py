@@ -466,6 +466,7 @@ def layer_data(
     formulas: Sequence[dict[str, Any] | None] | None = None,
     significance: Sequence[dict[str, Any] | None] | None = None,
     null_histograms: Sequence[dict[str, Any]] | None = None,
+    pooled_null: dict[str, Any] | None = None,
     image_level: np.ndarray | None = None,
     files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -485,7 +486,8 @@ def layer_data(
     importance : (U,) from :func:`dissect.report.studies.read_importance`
     formulas : (U,) from :func:`dissect.report.studies.read_compositional`
     significance : (U,) from :func:`dissect.report.studies.read_significance`
-    null_histograms : (U,) from :func:`dissect.report.studies.read_null_histograms`
+    null_histograms, pooled_null : per unit (U,) and for the layer, from
+        :func:`dissect.report.studies.read_null_histograms`
     image_level : bool (L,), labels that are image-level (:func:`image_level_mask`)
     files : name -> path relative to the report directory of the layer's result files
     """
@@ -566,6 +568,7 @@ def layer_data(
         "compositional": None if formulas is None else studies.compositional_summary(formulas),
         "significance": None if significance is None
         else studies.significance_summary(significance, detectors),
+        "pooled_null": pooled_null,
         "files": dict(files or {}),
         "units": units,
     }
@@ -632,7 +635,9 @@ def layer_results(run_dir: Path, layer: str, n_units: int, metric: str) -> dict[
         out["significance"] = studies.read_significance(path, n_units)
     path = layer_dir / "significance.h5"
     if path.exists():
-        out["null_histograms"] = studies.read_null_histograms(path, n_units)
+        arrays = studies.read_null_histograms(path, n_units)
+        if arrays is not None:
+            out["null_histograms"], out["pooled_null"] = arrays
     file_name = safe_file_name(layer)
     out["files"] = {name: f"files/{file_name}/{name}" for name in LAYER_FILES
                     if (layer_dir / name).is_file()}

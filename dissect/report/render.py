@@ -352,6 +352,39 @@ def null_chart(null: dict[str, Any], *, width: int = 120, height: int = 26) -> d
                      f"IoU {null['observed']:.3f}"}
 
 
+def pooled_null_chart(pooled: dict[str, Any], *, width: int = 520,
+                      height: int = 150) -> dict[str, Any]:
+    """Layout of the layer's observed-versus-null histogram: per IoU bin two bars side by side,
+    the fraction of units (observed best IoU) and of permutation values (null).
+
+    Returns ``{"width", "height", "plot", "bars": [{"x", "y", "w", "h", "color", "title"}],
+    "yticks", "xticks", "colors"}``.
+    """
+    left, top, bottom_space, right = 40, 10, 34, 10
+    edges = pooled["edges"]
+    n_bins = len(edges) - 1
+    ticks = nice_ticks(max(pooled["observed"] + pooled["null"] + [0.0]))
+    sy = height / ticks[-1]
+    bin_w = (width - left - right) / max(1, n_bins)
+    bottom = top + height
+    colors = {"observed": "#d32f2f", "null": "#90a4ae"}
+    bars = []
+    for i in range(n_bins):
+        for k, key in enumerate(("null", "observed")):
+            h = round(pooled[key][i] * sy, 1)
+            bars.append({"x": round(left + i * bin_w + k * bin_w / 2, 1),
+                         "w": round(max(0.5, bin_w / 2 - 0.5), 1), "y": round(bottom - h, 1),
+                         "h": h, "color": colors[key],
+                         "title": f"IoU {edges[i]:.2f}-{edges[i + 1]:.2f}: {key} "
+                                  f"{pooled[key][i] * 100:.1f} %"})
+    span = edges[-1] - edges[0]
+    xticks = [{"x": round(left + t / span * (width - left - right), 1), "text": f"{t:g}"}
+              for t in nice_ticks(span, 5) if t <= span + 1e-9]
+    return {"width": width, "height": bottom + bottom_space,
+            "plot": _plot_box(left, top, height, width - right), "bars": bars,
+            "yticks": _y_ticks(ticks, bottom, sy), "xticks": xticks, "colors": colors}
+
+
 def ablation_charts(layer: dict[str, Any]) -> dict[str, Any] | None:
     """Charts of a layer's ablation view: ``{"mean": curve_chart | None, "classes":
     [curve_chart with "class" and "n"] (the first :data:`MAX_CURVE_CHARTS`), "hidden": int}``."""
@@ -406,6 +439,8 @@ def layout_report(data: dict[str, Any]) -> dict[str, Any]:
                 else scatter_chart(layer["scatter"], colors, layer["iou_threshold"]),
                 "nulls": {u["unit"]: null_chart(u["null"]) for u in layer["units"]
                           if u.get("null") is not None},
+                "pooled_null": None if layer.get("pooled_null") is None
+                else pooled_null_chart(layer["pooled_null"]),
             }
             for layer in data["layers"]
         },

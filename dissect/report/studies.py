@@ -26,6 +26,8 @@ N_CONCEPT_CLASSES = 3
 HEADLINE_SIZE = 4
 #: Bins of the per-unit null histograms.
 NULL_BINS = 12
+#: Bin width of the layer's pooled observed-versus-null histogram.
+POOLED_BIN_WIDTH = 0.01
 
 IMPORTANCE_COLUMNS = ("unit", "n_classes", "classes")
 COMPOSITIONAL_COLUMNS = ("unit", "formula", "iou", "label", "label_iou")
@@ -487,10 +489,45 @@ def null_histograms(observed: np.ndarray, null: np.ndarray,
     return out
 
 
+def pooled_null_counts(observed: np.ndarray, null: np.ndarray,
+                       bin_width: float = POOLED_BIN_WIDTH) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of observed (U,) and of every finite null value (B, U) in bins
+    ``[i * w, (i + 1) * w)`` for i < ceil(1 / w), IoUs of 1 in the last bin.
+
+    Returns int64 (nb,) observed counts and int64 (nb,) null counts (additive over unit blocks).
+    """
+    n_bins = int(round(1.0 / bin_width))
+
+    def count(values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        values = values[np.isfinite(values)]
+        index = np.clip(np.floor(values / bin_width + 1e-9).astype(np.int64), 0, n_bins - 1)
+        return np.bincount(index, minlength=n_bins).astype(np.int64)
+
+    return count(observed), count(null)
+
+
+def pooled_null_histogram(observed_counts: np.ndarray, null_counts: np.ndarray,
+                          bin_width: float = POOLED_BIN_WIDTH) -> dict[str, Any]:
+    """The layer's observed-versus-null histogram from :func:`pooled_null_counts`: bins up to the
+    last non-empty one (at least 10), each series as fractions of its values.
+
+    Returns ``{"edges", "observed": [fraction], "null": [fraction], "n_observed", "n_null"}``.
+    """
+    used = np.flatnonzero((observed_counts > 0) | (null_counts > 0))
+    n_bins = max(10, int(used[-1]) + 1 if used.size else 0)
+    n_obs, n_null = int(observed_counts.sum()), int(null_counts.sum())
+    return {"edges": [_round(i * bin_width) for i in range(n_bins + 1)],
+            "observed": [_round(c / max(1, n_obs)) for c in observed_counts[:n_bins]],
+            "null": [_round(c / max(1, n_null)) for c in null_counts[:n_bins]],
+            "n_observed": n_obs, "n_null": n_null}
+
+
 def read_null_histograms(path: Path, n_units: int, block: int = 256,
-                         bins: int = NULL_BINS) -> list[dict[str, Any]] | None:
-    """:func:`null_histograms` from ``significance.h5`` (datasets ``observed`` (U,) and ``null``
-    (B, U)), read ``block`` units at a time; None when the file lacks either dataset.
+                         bins: int = NULL_BINS) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """:func:`null_histograms` and the layer's :func:`pooled_null_histogram` from
+    ``significance.h5`` (datasets ``observed`` (U,) and ``null`` (B, U)), read ``block`` units at a
+    time; None when the file lacks either dataset.
 
     Raises CacheError when the file cannot be read or the shapes do not match the layer.
     """
@@ -505,10 +542,17 @@ def read_null_histograms(path: Path, n_units: int, block: int = 256,
                 raise CacheError(f"{path}: observed {observed.shape} and null {null.shape}; "
                                  f"expected ({n_units},) and (B, {n_units}) for this layer")
             out: list[dict[str, Any]] = []
+            pooled_obs = pooled_null = None
             for u0 in range(0, n_units, block):
                 u1 = min(n_units, u0 + block)
-                out += null_histograms(observed[u0:u1], null[:, u0:u1], bins)
-            return out
+                obs_block, null_block = observed[u0:u1], null[:, u0:u1]
+                out += null_histograms(obs_block, null_block, bins)
+                a, b = pooled_null_counts(obs_block, null_block)
+                pooled_obs = a if pooled_obs is None else pooled_obs + a
+                pooled_null = b if pooled_null is None else pooled_null + b
+            if pooled_obs is None or pooled_null is None:
+                pooled_obs, pooled_null = pooled_null_counts(np.zeros(0), np.zeros((0, 0)))
+            return out, pooled_null_histogram(pooled_obs, pooled_null)
     except OSError as error:
         raise CacheError(f"{path}: cannot read ({error})") from None
 
