@@ -92,10 +92,11 @@ CSV_COLUMNS = ("unit", "label", "category", "iou", "iou0", "fisher_or", "fisher_
                "null_mean", "null_sd", "z", "q", "ci_low", "ci_high", "significant")
 #: Images per block of the permutation null (see :mod:`dissect.stats.significance`).
 BLOCK_SIZE = 8
+_INT32_LIMIT = 2**31 - 1
 #: Bootstrap draws of ``ci`` and the interval's coverage.
 CI_DRAWS = 1000
 CI_LEVEL = 0.95
-#: The permuted intersections (B, U, L) int64 of one pass stay under this; a layer that needs
+#: The permuted intersections (U, L, B) int32 of one pass stay under this; a layer that needs
 #: more is done in several passes over unit groups (each pass reads the data again).
 NULL_BUDGET_BYTES = 512 * 1024 * 1024
 # Images per task by default, and tasks in flight per worker between accumulations.
@@ -180,6 +181,12 @@ class SignificanceResult:
     def n_units(self) -> int:
         """U."""
         return len(self.unit_label)
+
+    def counts_equal(self, tally: Any) -> bool:
+        """True when the observed counts equal a ``DissectionResult``'s (the same images)."""
+        return (np.array_equal(self.label_area, tally.label_area)
+                and np.array_equal(self.intersection, tally.intersection)
+                and np.array_equal(self.act_area, tally.act_area))
 
     def summary(self) -> dict[str, int]:
         """Counts for a report: ``units``, ``detectors`` (label with iou >= iou_threshold),
@@ -483,8 +490,8 @@ def _group_tasks(blocks: list[np.ndarray], size: int) -> list[list[int]]:
 class _Pass:
     observed: IoUCounts
     fisher: FisherCounts
-    null_intersection: np.ndarray          # (B, U, L)
-    null_act: np.ndarray                   # (B, U, C)
+    null_intersection: np.ndarray          # (U, L, B)
+    null_act: np.ndarray                   # (U, C, B)
 
 
 def _run_null(reader: Any, dataset: Any, images: np.ndarray, blocks: list[np.ndarray],
@@ -493,17 +500,20 @@ def _run_null(reader: Any, dataset: Any, images: np.ndarray, blocks: list[np.nda
               progress: bool) -> _Pass:
     """The permutation pass over every block, in unit groups that fit NULL_BUDGET_BYTES."""
     n_units, n_labels = len(thresholds), len(primary)
-    per_unit = max(1, n_perm * n_labels * 8)
+    per_unit = max(1, n_perm * n_labels * 4)
     group = max(1, min(n_units, NULL_BUDGET_BYTES // per_unit))
     tasks = _group_tasks(blocks, chunk_size)
     wave = max(1, _TASKS_PER_WORKER * workers)
-    null_inter = np.zeros((n_perm, n_units, n_labels), np.int64)
-    null_act = np.zeros((n_perm, n_units, n_cat), np.int64)
+    # A permutation re-pairs images within blocks and a task holds whole blocks, so every
+    # permuted intersection of the images summed so far is at most their label_area: the
+    # accumulator stays int32 while label_area does, and widens to int64 before it would not.
+    null_inter = np.zeros((n_units, n_labels, n_perm), np.int32)
+    null_act = np.zeros((n_units, n_cat, n_perm), np.int64)
     observed_inter = np.zeros((n_units, n_labels), np.int64)
     observed_act = np.zeros((n_units, n_cat), np.int64)
     label_area = np.zeros(n_labels, np.int64)
     fisher: FisherCounts | None = None
-    groups = [np.arange(a, min(a + group, n_units)) for a in range(0, n_units, group)]
+    groups = [(a, min(a + group, n_units)) for a in range(0, n_units, group)]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -511,10 +521,10 @@ def _run_null(reader: Any, dataset: Any, images: np.ndarray, blocks: list[np.nda
         bar = tqdm(total=len(tasks) * len(groups), desc="significance", unit="task")
     source, data = _leaf(reader, "reader"), _leaf(dataset, "dataset")
     primary_d = _leaf(primary, "primary")
-    for g, units in enumerate(groups):
-        flat = np.zeros((n_perm, len(units) * n_labels), np.int64)
-        thresholds_d = _leaf(thresholds[units], "thresholds")
-        units_d = _leaf(units, "units")
+    for g, (first, last) in enumerate(groups):
+        flat = null_inter[first:last].reshape((last - first) * n_labels, n_perm)   # a view
+        thresholds_d = _leaf(thresholds[first:last], "thresholds")
+        units_d = _leaf(np.arange(first, last), "units")
         group_fisher: FisherCounts | None = None
         for start in range(0, len(tasks), wave):
             graphs = [dask.delayed(_null_task, pure=False)(
@@ -525,25 +535,28 @@ def _run_null(reader: Any, dataset: Any, images: np.ndarray, blocks: list[np.nda
             with torch_threads_kept():
                 parts = dask.compute(*graphs, **setup.compute_kwargs)
             for part in parts:
-                part.null.add_to(flat)
-                null_act[:, units] += part.null.act_area
-                observed_inter[units] += part.observed.intersection
-                observed_act[units] += part.observed.act_area
                 if g == 0:
                     label_area += part.observed.label_area
+                if null_inter.dtype == np.int32 and label_area.max(initial=0) >= _INT32_LIMIT:
+                    null_inter = null_inter.astype(np.int64)
+                    flat = null_inter[first:last].reshape((last - first) * n_labels, n_perm)
+                part.null.add_to(flat)
+                null_act[first:last] += part.null.act_area
+                observed_inter[first:last] += part.observed.intersection
+                observed_act[first:last] += part.observed.act_area
                 group_fisher = part.fisher if group_fisher is None else group_fisher + \
                     part.fisher
+            del parts
             if bar is not None:
                 bar.update(len(graphs))
-        null_inter[:, units] = flat.reshape(n_perm, len(units), n_labels)
-        fisher = group_fisher if fisher is None else _join_units(fisher, group_fisher, units)
+        fisher = group_fisher if fisher is None else _join_units(fisher, group_fisher)
     if bar is not None:
         bar.close()
     return _Pass(IoUCounts(label_area, observed_inter, observed_act), fisher,  # type: ignore
                  null_inter, null_act)
 
 
-def _join_units(first: FisherCounts, other: FisherCounts, units: np.ndarray) -> FisherCounts:
+def _join_units(first: FisherCounts, other: FisherCounts) -> FisherCounts:
     """Fisher counts of the first unit groups, extended by another group's units."""
     return FisherCounts(np.concatenate([first.both, other.both]),
                         np.concatenate([first.fires_annotated, other.fires_annotated]),

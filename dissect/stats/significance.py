@@ -62,6 +62,8 @@ __all__ = [
     "bootstrap_interval",
 ]
 
+#: Counts below this fit int32 (the permuted intersections are stored as int32 while they do).
+_INT32_LIMIT = 2**31 - 1
 # Upsampled maps of one image are thresholded in batches of at most this many values.
 _BATCH_VALUES = 2 * 1024 * 1024
 
@@ -402,16 +404,16 @@ def count_pair(masks: ImageMasks, labels: ImageLabels, primary: np.ndarray, n_ca
 
 @dataclass(eq=False)
 class NullCounts:
-    """Permutation counts of some images: intersection (B, U, L) stored on the codes it uses.
+    """Permutation counts of some images, permutations last (B contiguous values per count).
 
     Attributes
     ----------
     codes:
-        int64 (K,) ascending ``unit * L + label`` codes.
+        int64 (K,) ascending ``unit * L + label`` codes: the (unit, label) pairs with a count.
     intersection:
-        int64 (B, K): intersection of permutation b at each code.
+        int32 or int64 (K, B): intersection of each code under permutation b.
     act_area:
-        int64 (B, U, C).
+        int64 (U, C, B).
     """
 
     codes: np.ndarray
@@ -419,8 +421,10 @@ class NullCounts:
     act_area: np.ndarray
 
     def add_to(self, dense: np.ndarray) -> None:
-        """Add the intersection into ``dense`` int64 (B, U * L) (codes are unique)."""
-        dense[:, self.codes] += self.intersection
+        """Add the intersection into ``dense`` (U * L, B) int32/int64 (codes are unique).
+
+        The caller keeps ``dense`` wide enough (see ``dissect.significance``)."""
+        dense[self.codes] += self.intersection
 
 
 @dataclass(eq=False)
@@ -604,31 +608,36 @@ def _null_counts(used: list[tuple[np.ndarray, dict[int, PairCounts]]], n_perm: i
         act_areas = np.concatenate([p.act_areas for p in counts])
         chosen = slot[(np.arange(m)[None, :] * m + pairing).reshape(-1)]     # (B * m,)
         perm = np.repeat(np.arange(n_perm, dtype=np.int64), m)
-        for lengths, codes, values, keys, vals, width in (
-                (inter_len, inter_codes, inter_counts, inter_keys, inter_values, n_codes),
-                (act_len, act_codes, act_areas, act_keys, act_values, n_units * n_cat)):
+        for lengths, codes, values, keys, vals in (
+                (inter_len, inter_codes, inter_counts, inter_keys, inter_values),
+                (act_len, act_codes, act_areas, act_keys, act_values)):
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
             take = _segments(starts[chosen], lengths[chosen])
-            keys.append(np.repeat(perm, lengths[chosen]) * width + codes[take])
+            keys.append(codes[take] * n_perm + np.repeat(perm, lengths[chosen]))
             vals.append(values[take])
-    inter = _sum_codes((inter_keys, inter_values), n_perm * n_codes).reshape(n_perm, n_codes)
-    act = _sum_codes((act_keys, act_values), n_perm * n_units * n_cat).reshape(
-        n_perm, n_units, n_cat)
+    inter = _sum_codes((inter_keys, inter_values), n_codes * n_perm).reshape(n_codes, n_perm)
+    if len(inter) and inter.max() < _INT32_LIMIT:        # halves what a task sends back
+        inter = inter.astype(np.int32)
+    act = _sum_codes((act_keys, act_values), n_units * n_cat * n_perm).reshape(
+        n_units, n_cat, n_perm)
     return NullCounts(all_codes, inter, act)
 
 
 # ----------------------------------------------------------------------------- statistics
 def null_statistics(label_area: np.ndarray, intersection: np.ndarray, act_area: np.ndarray,
-                    primary: np.ndarray, unit_label: np.ndarray
+                    primary: np.ndarray, unit_label: np.ndarray, units_per_step: int = 32
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Per permutation, each unit's best IoU and the IoU of its (fixed) label.
+
+    The IoU is :func:`dissect.stats.iou_from_counts`'s, value for value (the same float64
+    operations), computed for every permutation at once, a few units at a time.
 
     Parameters
     ----------
     label_area:
         int64 (L,) (the same for every permutation: a permutation only re-pairs images).
     intersection:
-        int64 (B, U, L); act_area int64 (B, U, C): the permuted counts.
+        int64 (U, L, B); act_area int64 (U, C, B): the permuted counts, permutations last.
     primary:
         int64 (L,).
     unit_label:
@@ -639,14 +648,32 @@ def null_statistics(label_area: np.ndarray, intersection: np.ndarray, act_area: 
     (best float64 (B, U): max over labels of IoU_b[u, l] (0 when none is positive),
     label_iou float64 (B, U): IoU_b[u, unit_label[u]]).
     """
-    n_perm, n_units = intersection.shape[:2]
+    primary = np.asarray(primary, dtype=np.int64)
+    unit_label = np.asarray(unit_label, dtype=np.int64)
+    n_units, n_labels, n_perm = intersection.shape
+    valid = primary >= 0
+    if n_labels:
+        valid[0] = False
+    labels = np.flatnonzero(valid)
+    cats = primary[labels]
+    area = label_area[labels].astype(np.float64)[None, :, None]
     best = np.zeros((n_perm, n_units))
     label_iou = np.zeros((n_perm, n_units))
-    rows = np.arange(n_units)
-    for b in range(n_perm):
-        iou = iou_from_counts(IoUCounts(label_area, intersection[b], act_area[b]), primary)
-        best[b] = np.maximum(iou.max(axis=1, initial=0.0), 0.0)
-        label_iou[b] = iou[rows, unit_label]
+    for start in range(0, n_units, units_per_step):
+        stop = min(start + units_per_step, n_units)
+        inter = intersection[start:stop, labels].astype(np.float64)       # (u, l, B)
+        act = act_area[start:stop][:, cats].astype(np.float64)
+        denominator = act + area - inter
+        iou = np.zeros_like(inter)
+        np.divide(inter, denominator, out=iou, where=denominator > 0)
+        if len(labels):
+            best[:, start:stop] = np.maximum(iou.max(axis=1), 0.0).T
+        position = np.searchsorted(labels, unit_label[start:stop])
+        found = (position < len(labels)) & (labels[np.minimum(position, len(labels) - 1)]
+                                            == unit_label[start:stop]) if len(labels) else \
+            np.zeros(stop - start, bool)
+        rows = np.flatnonzero(found)
+        label_iou[:, start + rows] = iou[rows, position[rows]].T
     return best, label_iou
 
 
@@ -824,6 +851,6 @@ def bootstrap_interval(sums: np.ndarray, level: float = 0.95
     denominator = act + area - inter
     iou = np.zeros_like(inter)
     np.divide(inter, denominator, out=iou, where=denominator > 0)
-    tail = 100.0 * (1.0 - level) / 2.0
+    tail = round(50.0 * (1.0 - level), 10)          # 2.5 for 0.95 (not 2.4999999999999996)
     low, high = np.percentile(iou, [tail, 100.0 - tail], axis=0)
     return low, high, iou
