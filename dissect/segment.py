@@ -209,6 +209,8 @@ def _check_resume(partial: Path, state: dict[str, Any]) -> None:
             raise OptionError(f"--out: {partial} holds an interrupted run with other "
                               f"{', '.join(changed)}; rerun with the same inputs to resume, or "
                               f"remove {partial} to start again")
+        for leftover in partial.rglob("*.tmp"):  # a file being written when the run was killed
+            leftover.unlink()
         return
     if partial.exists():
         shutil.rmtree(partial)  # no state file: a run killed before it began

@@ -336,6 +336,26 @@ def test_from_masks_one_malformed_input_is_one_error_naming_the_file(tmp_path: P
     assert str(named) in str(caught.value)
 
 
+def test_from_masks_image_level_labels_only(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        save_rgb(tmp_path / "in" / f"{name}.png", np.zeros((4, 4, 3)))
+    write_csv(tmp_path / "l.csv", ["image", "category", "label"],
+              [["a.png", "scene", "sea"], ["b", "scene", "city"], ["b", "texture", "dots"]])
+    with pytest.raises(DatasetError) as caught:
+        dataset_from_masks(tmp_path / "in", {}, {}, tmp_path / "out",
+                           image_labels=tmp_path / "l.csv")
+    assert caught.value.problems == [f"{tmp_path / 'in' / 'c.png'}: no mask in any category and "
+                                     f"no image-level label"]
+    (tmp_path / "in" / "c.png").unlink()
+    out = dataset_from_masks(tmp_path / "in", {}, {"scene": ["sea", "city", "lake"]},
+                             tmp_path / "out", image_labels=tmp_path / "l.csv")
+    assert check_dataset(out) == []
+    dataset = BrodenDataset(out)
+    assert dataset.categories == ("scene", "texture")
+    assert dataset.vocab.names == ["", "sea", "city", "lake", "dots"]
+    assert [dataset.load_segmentation(i)[1].tolist() for i in range(2)] == [[1], [2, 4]]
+
+
 def test_from_masks_options_are_checked(tmp_path: Path) -> None:
     save_rgb(tmp_path / "in" / "x.png", np.zeros((4, 4, 3)))
     save_mask(tmp_path / "m" / "x.png", np.ones((4, 4)))
@@ -463,8 +483,17 @@ def test_segment_refuses_wrong_channel_count_and_mixed_sizes(tmp_path: Path) -> 
                        **SEGMENT_OPTIONS)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: a MobileNet forward on a shared 2-core machine is many times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_segment_torchvision_architecture_with_checkpoint(tmp_path: Path) -> None:
+def test_segment_torchvision_architecture_with_checkpoint(tmp_path: Path, one_thread) -> None:
     """A torchvision segmentation name with the user's checkpoint loads (built with
     weights=None and the class list's length as num_classes) and labels as the model does."""
     import torchvision
@@ -487,7 +516,8 @@ def test_segment_torchvision_architecture_with_checkpoint(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_load_segmenter_takes_a_torchvision_checkpoint_with_an_aux_head(tmp_path: Path) -> None:
+def test_load_segmenter_takes_a_torchvision_checkpoint_with_an_aux_head(tmp_path: Path,
+                                                                        one_thread) -> None:
     """torchvision trains its segmentation models with an auxiliary head: load_model (built
     without it) would refuse those keys, so the checkpoint decides."""
     import torchvision

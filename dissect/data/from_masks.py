@@ -1,4 +1,4 @@
-"""`dissect dataset from-masks`: a Broden-format dataset from images and index-mask PNGs (DESIGN §13).
+"""`dissect dataset from-masks`: a Broden dataset from images and index-mask PNGs (DESIGN §13).
 
 Input layout (the usual "image + index PNG" one)::
 
@@ -424,7 +424,8 @@ class _Plan:
     class_counts: dict[str, int]
     images: list[str]                      # relative paths, sorted
     masks: dict[str, dict[str, str]]       # category -> image stem -> mask relative path
-    image_labels: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # stem -> cat -> numbers
+    # image stem -> category -> image-level label numbers
+    image_labels: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     splits: dict[str, str] = field(default_factory=dict)
 
 
@@ -548,7 +549,9 @@ def _plan(images_dir: Path, masks: Mapping[str, Path], classes: Mapping[str, Cla
     mask_files: dict[str, dict[str, str]] = {}
     for category, folder in masks.items():
         found: dict[str, str] = {}
+        empty = True
         for relative in walk_files(folder):
+            empty = False
             lower = relative.lower()
             if not lower.endswith(IMAGE_EXTENSIONS):
                 continue
@@ -562,12 +565,12 @@ def _plan(images_dir: Path, masks: Mapping[str, Path], classes: Mapping[str, Cla
                                 f"image {images_dir / stem}.* to pair with")
                 continue
             found[stem] = relative
-        if not any(True for _ in walk_files(folder)):
+        if empty:
             problems.append(f"{folder}: holds no mask of category {category!r}")
         mask_files[category] = found
     for stem, relative in by_stem.items():
         missing = [c for c in mask_categories if stem not in mask_files[c]]
-        if not allow_missing_masks:
+        if mask_categories and not allow_missing_masks:
             for category in missing:
                 problems.append(f"{images_dir / relative}: no mask of category {category!r} "
                                 f"(expected {masks[category] / stem}.png)")
@@ -603,7 +606,12 @@ def _plan(images_dir: Path, masks: Mapping[str, Path], classes: Mapping[str, Cla
 def _category_problems(values: np.ndarray, n_classes: int, ignore_index: int | None
                        ) -> list[int]:
     """Sorted pixel values that are neither 0, the ignore index, nor a class code 1..n_classes."""
-    present = np.unique(values)
+    outside = (values < 0) | (values > n_classes)
+    if ignore_index is not None:
+        outside &= values != ignore_index
+    if not outside.any():                    # the usual case: no sort of the whole mask
+        return []
+    present = np.unique(values[outside])
     bad = present[(present < 0) | (present > n_classes)]
     if ignore_index is not None:
         bad = bad[bad != ignore_index]
