@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import h5py
@@ -425,6 +426,20 @@ def test_segment_writes_the_expected_label_pngs(tmp_path: Path, classes, labels)
     assert (np.array(labels)[np.concatenate([c.ravel() for c in codes])] == 0).any()
 
 
+def test_segment_takes_a_torchscript_file(tmp_path: Path) -> None:
+    colour_images(tmp_path / "in", n=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)          # torch.jit is deprecated
+        torch.jit.save(torch.jit.script(ColourSegmenter()), tmp_path / "seg.pt")
+    classes = ["background", "red", "green"]
+    a = segment_images(tmp_path / "in", tmp_path / "seg.pt", classes, tmp_path / "a",
+                       **SEGMENT_OPTIONS)
+    b = segment_images(tmp_path / "in", ColourSegmenter(), classes, tmp_path / "b",
+                       **SEGMENT_OPTIONS)
+    for name in ("g0/im0_object.png", "g1/im1_object.png"):
+        assert (a / "images" / name).read_bytes() == (b / "images" / name).read_bytes()
+
+
 def test_label_maps_confidence_threshold_and_upsampling() -> None:
     logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.1]]]])         # (1, 2, 1, 2)
     channel_labels = torch.tensor([5, 7])
@@ -460,6 +475,7 @@ def test_segment_killed_run_resumes_to_identical_files(tmp_path: Path, monkeypat
     with pytest.raises(OptionError, match="min_confidence"):
         segment_images(tmp_path / "in", ColourSegmenter(), classes, tmp_path / "out",
                        min_confidence=0.9, **SEGMENT_OPTIONS)
+    (partial / "images" / "g0" / "im9_object.png.tmp").write_bytes(b"half a file")
     calls.clear()
     monkeypatch.setattr(segment_module, "_save_outputs",
                         lambda *a, **k: (calls.append(a), original(*a, **k)))
