@@ -802,6 +802,9 @@ def test_ablation_records_name_file_and_row() -> None:
 
     with pytest.raises(CacheError, match=r"row 2: unit 7 is out of range; the layer has 6"):
         _records([["random", "random1#0", "7", "a", 1, 0, 0, 0, 0, 0]])
+    assert _records([["random", "r", "3;;1;", "a", 1, 0, 0, 0, 0, 0]])[0].units == (1, 3)
+    with pytest.raises(CacheError, match=r"row 2: unit -1 is out of range"):
+        _records([["random", "r", "-1;2", "a", 1, 0, 0, 0, 0, 0]])
     with pytest.raises(CacheError, match=r"row 3: column 'units' holds '1;x'"):
         _records([["random", "baseline", "", "a", 1, 0, 0, 0, 0, 0],
                   ["random", "r", "1;x", "a", 1, 0, 0, 0, 0, 0]])
@@ -850,7 +853,7 @@ def test_null_histograms_by_hand(tmp_path: Path) -> None:
     # unit 4: top = max(0.1, 0.2) = 0.2, width 0.05: 0.2 -> last bin, 0.1 -> bin 2, 0.0 -> 0,
     # 0.05 -> 1; two values (0.2, 0.1) reach the observed 0.1
     assert hists[4]["counts"] == [1, 1, 1, 1] and hists[4]["exceed"] == 2
-    assert hists[4]["edges"] == [0.0, 0.05, 0.1, 0.15, 0.2]
+    assert hists[4]["width"] == 0.05
     assert hists[3]["counts"] == [4, 0, 0, 0] and hists[3]["exceed"] == 4   # all zero
     assert sum(hists[0]["counts"]) == 4 and hists[0]["observed"] == 0.3
     path = tmp_path / "significance.h5"
@@ -954,5 +957,5 @@ def test_null_histograms_leave_out_nan() -> None:
 
     hists = studies.null_histograms(np.array([np.nan, 0.4]),
                                     np.array([[np.nan, 0.1], [0.2, np.nan]]), bins=2)
-    assert hists[0] == {"edges": [0.0, 0.1, 0.2], "counts": [0, 1], "observed": 0.0, "exceed": 1}
+    assert hists[0] == {"width": 0.1, "counts": [0, 1], "observed": 0.0, "exceed": 1}
     assert hists[1]["counts"] == [1, 0] and hists[1]["exceed"] == 0

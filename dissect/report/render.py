@@ -335,19 +335,18 @@ def scatter_chart(scatter: dict[str, Any], colors: dict[str, str], iou_threshold
 
 def null_chart(null: dict[str, Any], *, width: int = 120, height: int = 26) -> dict[str, Any]:
     """Layout of a unit's small null histogram: bars of the permutation null and a red line at
-    the observed IoU. Returns ``{"width", "height", "bars": [{"x", "y", "w", "h"}],
+    the observed IoU. Returns ``{"width", "height", "path" (the bars as one SVG path),
     "observed_x", "title"}``."""
     counts = null["counts"]
     top = max(counts, default=0) or 1
-    edges = null["edges"]
-    span = (edges[-1] - edges[0]) or 1.0
+    span = (null["width"] * len(counts)) or 1.0
     bar_w = width / max(1, len(counts))
-    bars = [{"x": round(i * bar_w, 1), "w": round(max(0.5, bar_w - 1), 1),
-             "h": round(c / top * (height - 2), 1), "y": round(height - c / top * (height - 2), 1)}
-            for i, c in enumerate(counts)]
-    x_obs = round(min(1.0, (null["observed"] - edges[0]) / span) * (width - 1), 1)
+    w = round(max(0.5, bar_w - 1), 1)
+    path = " ".join(f"M{round(i * bar_w, 1)} {height}v-{round(c / top * (height - 2), 1)}h{w}"
+                    f"v{round(c / top * (height - 2), 1)}z" for i, c in enumerate(counts) if c)
+    x_obs = round(min(1.0, null["observed"] / span) * (width - 1), 1)
     total = sum(counts)
-    return {"width": width, "height": height, "bars": bars, "observed_x": x_obs,
+    return {"width": width, "height": height, "path": path, "observed_x": x_obs,
             "title": f"null of {total} permutations, {null['exceed']} at or above the observed "
                      f"IoU {null['observed']:.3f}"}
 
@@ -619,9 +618,9 @@ def render_pages(data: dict[str, Any], out_dir: Path, thumbnail_shape: tuple[int
             report=data, layer=layer, chart=view["charts"][layer["name"]], view=view, strip=strip
         )
         _write_text(out_dir / layer["page"], text)
-    explain_template = env.get_template("explain.html")
     for page in data.get("explanations", []):
-        _write_text(out_dir / page["page"], explain_template.render(report=data, page=page))
+        text = env.get_template("explain.html").render(report=data, page=page)
+        _write_text(out_dir / page["page"], text)
     return index
 
 

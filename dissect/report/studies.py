@@ -124,16 +124,19 @@ def ablation_records(rows: Sequence[dict[str, str]], n_units: int, metric: str,
         raise OptionError(f"ablation metric {metric!r} is not one of {', '.join(ABLATION_METRICS)}")
     out = []
     for line, row in enumerate(rows, start=2):
-        tokens = [t for t in (row.get("units") or "").split(";") if t.strip() != ""]
+        text = row.get("units") or ""
         try:
-            units = tuple(sorted(int(t) for t in tokens))
+            units = tuple(sorted(map(int, text.split(";")))) if text.strip() else ()
         except ValueError:
-            raise CacheError(f"{path}: row {line}: column 'units' holds {row.get('units')!r}; "
-                             "expected 0-based unit indices separated by ';'") from None
-        for u in units:
-            if not 0 <= u < n_units:
-                raise CacheError(f"{path}: row {line}: unit {u} is out of range; the layer has "
-                                 f"{n_units} units")
+            try:   # tolerate empty tokens ("1;;2", a trailing ';')
+                units = tuple(sorted(int(t) for t in text.split(";") if t.strip() != ""))
+            except ValueError:
+                raise CacheError(f"{path}: row {line}: column 'units' holds {text!r}; expected "
+                                 "0-based unit indices separated by ';'") from None
+        if units and (units[0] < 0 or units[-1] >= n_units):
+            bad = units[0] if units[0] < 0 else units[-1]
+            raise CacheError(f"{path}: row {line}: unit {bad} is out of range; the layer has "
+                             f"{n_units} units")
         value = _float_cell(row.get(metric), path, line, metric)
         prob = _float_cell(row.get("true_class_prob"), path, line, "true_class_prob")
         n = _float_cell(row.get("n"), path, line, "n")
@@ -464,7 +467,7 @@ def null_histograms(observed: np.ndarray, null: np.ndarray,
 
     Returns
     -------
-    U dicts ``{"edges": (bins + 1,), "counts": (bins,) int, "observed", "exceed"}``: bins
+    U dicts ``{"width", "counts": (bins,) int, "observed", "exceed"}``: bins
     ``[i * w, (i + 1) * w)`` with w = max(observed, max null) / bins (1 / bins when both are 0),
     the last bin closed; ``exceed`` = #{b : T_b,u >= T_u}. Non-finite null values are left out
     and a non-finite observed value counts as 0.
@@ -483,8 +486,8 @@ def null_histograms(observed: np.ndarray, null: np.ndarray,
         width = top / bins if top > 0 else 1.0 / bins
         index = np.minimum(np.floor(values / width).astype(np.int64), bins - 1)
         counts = np.bincount(np.clip(index, 0, bins - 1), minlength=bins)
-        out.append({"edges": [_round(i * width) for i in range(bins + 1)],
-                    "counts": [int(c) for c in counts], "observed": _round(obs),
+        out.append({"width": _round(width), "counts": [int(c) for c in counts],
+                    "observed": _round(obs),
                     "exceed": int((values >= obs).sum())})
     return out
 
