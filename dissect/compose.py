@@ -400,6 +400,20 @@ def _image_columns(seg: np.ndarray, image_labels: np.ndarray, leaf_category: np.
     return labels, incidence, annotated
 
 
+def _signatures(incidence: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct rows of a bool (S, k) incidence: (signatures bool (R, k), pixel_signature int64
+    (S,) the row of each pixel, weight int64 (R,) pixels per signature)."""
+    n_pixels, k = incidence.shape
+    if k == 0:
+        return (np.zeros((1, 0), bool), np.zeros(n_pixels, np.int64),
+                np.array([n_pixels], np.int64))
+    packed = np.packbits(incidence, axis=1)                      # (S, ceil(k / 8)) uint8
+    keys = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).reshape(-1)
+    _, first, inverse, weight = np.unique(keys, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    return incidence[first], inverse.reshape(-1).astype(np.int64), weight.astype(np.int64)
+
+
 def _can_hold(leaves: np.ndarray, ops: np.ndarray, lengths: np.ndarray, present: np.ndarray,
               annotated_leaf: np.ndarray | None) -> np.ndarray:
     """bool (F,): whether each formula may hold somewhere in an image (a necessary condition).
@@ -421,24 +435,40 @@ def _can_hold(leaves: np.ndarray, ops: np.ndarray, lengths: np.ndarray, present:
 def _evaluate(leaves: np.ndarray, ops: np.ndarray, lengths: np.ndarray, table: torch.Tensor,
               row_of: np.ndarray, annotated_leaf: np.ndarray | None) -> torch.Tensor:
     """bool (F, S) masks of formulas in one image; ``table`` bool (k + 1, S) with row 0 empty,
-    ``row_of`` int64 (L,) the table row of each label (0: absent)."""
+    ``row_of`` int64 (L,) the table row of each label (0: absent).
+
+    Formulas are grouped by their operator sequence, so each group is a few in-place boolean
+    operations on gathered table rows.
+    """
     device = table.device
-    rows = torch.from_numpy(row_of[np.maximum(leaves, 0)]).to(device)
     n_pixels = table.shape[1]
-    cur = table[rows[:, 0]]
-    empty = torch.from_numpy(lengths == 0).to(device)
-    if bool(empty.any()):
-        cur[empty] = True
-    for k in range(1, leaves.shape[1]):
-        op = torch.from_numpy(ops[:, k]).to(device)[:, None]
-        nxt = table[rows[:, k]]
-        negated = ~nxt
-        if annotated_leaf is not None:
-            allowed = annotated_leaf[np.maximum(leaves[:, k], 0)]
-            negated &= torch.from_numpy(allowed).to(device)[:, None]
-        cur = torch.where(op == 0, cur | nxt, torch.where(
-            op == 1, cur & nxt, torch.where(op == 2, cur & negated, cur)))
-    return cur.reshape(-1, n_pixels)
+    rows = row_of[np.maximum(leaves, 0)]
+    out = torch.empty((len(leaves), n_pixels), dtype=torch.bool, device=device)
+    signature = np.concatenate([lengths[:, None], ops], axis=1)
+    patterns, inverse = np.unique(signature, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    for number, pattern in enumerate(patterns.tolist()):
+        members = np.flatnonzero(inverse == number)
+        index = torch.from_numpy(members).to(device)
+        length = pattern[0]
+        if length == 0:
+            out[index] = True
+            continue
+        cur = table[torch.from_numpy(rows[members, 0]).to(device)]
+        for k in range(1, length):
+            nxt = table[torch.from_numpy(rows[members, k]).to(device)]
+            code = pattern[1 + k]
+            if code == 0:
+                cur |= nxt
+            elif code == 1:
+                cur &= nxt
+            else:
+                cur &= ~nxt
+                if annotated_leaf is not None:
+                    inside = annotated_leaf[np.maximum(leaves[members, k], 0)]
+                    cur &= torch.from_numpy(inside).to(device)[:, None]
+        out[index] = cur
+    return out
 
 
 def count_formulas(acts: np.ndarray, seg: np.ndarray, image_labels: np.ndarray,
@@ -486,7 +516,6 @@ def count_formulas(acts: np.ndarray, seg: np.ndarray, image_labels: np.ndarray,
     n_columns = n_labels + n_categories
     below = threshold_below(np.asarray(thresholds))
     active = acts.reshape(n, n_units, -1).max(axis=2) > below[None, :]
-    float_type = torch.float32 if n_pixels < 2 ** 24 else torch.float64
     x_index, x_values, y_index, y_values = [], [], [], []
     seg_flat = np.asarray(seg).reshape(n, seg.shape[1], n_pixels)
     leaf_of = np.where(leaf_category >= 0, leaf_category, 0)
@@ -504,15 +533,19 @@ def count_formulas(acts: np.ndarray, seg: np.ndarray, image_labels: np.ndarray,
             continue
         columns = np.concatenate([[0], labels,
                                   n_labels + np.flatnonzero(annotated)]).astype(np.int64)
-        table = torch.zeros((len(labels) + 1, n_pixels), dtype=torch.bool, device=dev)
-        table[1:] = torch.from_numpy(incidence.T.copy()).to(dev)
+        # Pixels with the same set of leaf labels (a "signature") are alike for every formula:
+        # formulas are evaluated on the R signatures (R << S) and weighted by their pixel counts.
+        signatures, pixel_signature, weight = _signatures(incidence)
+        table = torch.zeros((len(labels) + 1, len(signatures)), dtype=torch.bool, device=dev)
+        table[1:] = torch.from_numpy(np.ascontiguousarray(signatures.T)).to(dev)
         row_of = np.zeros(n_labels, dtype=np.int64)
         row_of[labels] = np.arange(1, len(labels) + 1)
         masks = _evaluate(leaves[formula_rows], ops[formula_rows], lengths[formula_rows], table,
-                          row_of, annotated_leaf)                               # (f, S)
-        extended = torch.ones((n_pixels, len(columns)), dtype=float_type, device=dev)
-        extended[:, 1:1 + len(labels)] = table[1:].T.to(float_type)
-        counts = (masks.to(float_type) @ extended).round().to(torch.int64).cpu().numpy()
+                          row_of, annotated_leaf).to(torch.float64)              # (f, R)
+        extended = torch.ones((len(signatures), len(columns)), dtype=torch.float64, device=dev)
+        extended[:, 1:1 + len(labels)] = table[1:].T.to(torch.float64)
+        weighted = extended * torch.from_numpy(weight).to(dev, torch.float64)[:, None]
+        counts = (masks @ weighted).round().to(torch.int64).cpu().numpy()
         x_index.append((formula_rows[:, None] * n_columns + columns[None, :]).ravel())
         x_values.append(counts.ravel())
         local = np.full(len(leaves), -1, dtype=np.int64)
@@ -522,11 +555,16 @@ def count_formulas(acts: np.ndarray, seg: np.ndarray, image_labels: np.ndarray,
             continue
         units, unit_local = np.unique(pair_unit[pairs], return_inverse=True)
         up = upsample_maps(np.ascontiguousarray(acts[r, units]), (sh, sw))
-        unit_masks = torch.from_numpy(np.asarray(up).reshape(len(units), n_pixels)
-                                      > below[units, None]).to(dev)
+        unit_masks = np.asarray(up).reshape(len(units), n_pixels) > below[units, None]
+        # mask pixels of each unit per signature: (units, R)
+        which, pixel = np.nonzero(unit_masks)
+        per_signature = np.bincount(which * len(signatures) + pixel_signature[pixel],
+                                    minlength=len(units) * len(signatures)).reshape(
+                                        len(units), len(signatures))
+        per_signature_t = torch.from_numpy(per_signature).to(dev, torch.float64)
         joint = masks[torch.from_numpy(local[pair_formula[pairs]]).to(dev)] \
-            & unit_masks[torch.from_numpy(unit_local).to(dev)]
-        counts = (joint.to(float_type) @ extended).round().to(torch.int64).cpu().numpy()
+            * per_signature_t[torch.from_numpy(unit_local.reshape(-1)).to(dev)]
+        counts = (joint @ extended).round().to(torch.int64).cpu().numpy()
         y_index.append((pairs[:, None] * n_columns + columns[None, :]).ravel())
         y_values.append(counts.ravel())
 
