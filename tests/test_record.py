@@ -453,6 +453,10 @@ def test_small_maps_get_a_note(dataset: BrodenDataset) -> None:
     # maps as fine as the segmentation, or larger than 4x4, get no note
     assert check_input_size(model, (16, 32), ["blocks"], seg_size=(2, 4), warn=False).notes == ()
     assert check_input_size(TinyViT(patch=4), (16, 32), ["blocks"], seg_size=(8, 16)).notes == ()
+    # pooled (B, C) features: no --resize advice, it would not help
+    with pytest.warns(SmallMapsWarning, match=r"'head' has 1x1 unit maps \(output \(2,\)\): no "
+                                              r"spatial resolution.*before the pooling"):
+        check_input_size(model, (16, 32), ["head"], seg_size=(8, 16))
 
 
 class SharedRelu(nn.Module):

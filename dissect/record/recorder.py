@@ -221,7 +221,11 @@ def check_input_size(model: nn.Module, size: int | Sequence[int], layers: str | 
         shapes[name] = (info["units"], info["grid"][0], info["grid"][1])
         height, width = info["grid"]
         finer = seg_size is None or seg_size[0] > height or seg_size[1] > width
-        if max(height, width) <= SMALL_MAP_SIZE and finer:
+        if height == width == 1 and finer:
+            notes.append(f"layer {name!r} has 1x1 unit maps (output {tuple(shape[1:])}): no "
+                         f"spatial resolution, each mask is the whole image or nothing; a larger "
+                         f"--resize does not change that, dissect a layer before the pooling")
+        elif max(height, width) <= SMALL_MAP_SIZE and finer:
             target = tuple(v * 2 for v in input_size)
             notes.append(f"layer {name!r} has {height}x{width} unit maps at the image size "
                          f"{_size_text(input_size)}"
