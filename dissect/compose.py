@@ -66,13 +66,13 @@ __all__ = [
     "COMPOSITION_JSON",
     "CSV_COLUMNS",
     "BeamEntry",
-    "UnitComposition",
     "CompositionResult",
+    "UnitComposition",
     "compose_layer",
     "compose_options",
     "composition_is_current",
-    "load_composition",
     "count_formulas",
+    "load_composition",
 ]
 
 COMPOSITION_CSV = "compositional.csv"
@@ -751,7 +751,6 @@ def _beam_search(context: _Context, base: _Base, candidates: np.ndarray, beams: 
                        key=lambda p: (p[1], p[0].key()))
         if not pairs:
             break
-        extensions: dict[int, dict[tuple, BeamEntry]] = {u: {} for u in live}
         per_unit: dict[int, list] = {u: [] for u in live}
         for x_rows, y, batch in _run_pairs(context, pairs, max_length, n_labels +
                                            context.n_categories):
@@ -770,9 +769,10 @@ def _beam_search(context: _Context, base: _Base, candidates: np.ndarray, beams: 
                 order = positive[np.argsort(-flat[positive], kind="stable")]
                 shape = stacked.shape
 
-                def make(index: int, u: int = u, shape: tuple = shape) -> BeamEntry:
+                def make(index: int, shape: tuple = shape, scored: list = per_unit[u]
+                         ) -> BeamEntry:
                     parent, op, label = np.unravel_index(index, shape)
-                    formula, area_k, inter_k, values = per_unit[u][parent]
+                    formula, area_k, inter_k, values = scored[parent]
                     return BeamEntry(formula.extend(OPS[op], int(label)).canonical(),
                                      int(area_k[op, label]), int(inter_k[op, label]),
                                      float(values[op, label]))
@@ -857,7 +857,10 @@ def _exact_search(context: _Context, base: _Base, candidates: np.ndarray,
                 areas = area[k][op_index, labels]
                 inters = inter[k][op_index, labels]
 
-                def entry_of(t: int, formula: Formula = formula) -> BeamEntry:
+                def entry_of(t: int, formula: Formula = formula, op_index: np.ndarray = op_index,
+                             labels: np.ndarray = labels, areas: np.ndarray = areas,
+                             inters: np.ndarray = inters, values: np.ndarray = values
+                             ) -> BeamEntry:
                     return BeamEntry(formula.extend(OPS[op_index[t]], int(labels[t]))
                                      .canonical(), int(areas[t]), int(inters[t]),
                                      float(values[t]))

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -157,7 +156,6 @@ def naive_unit(reader: SyntheticReader, threshold: float, unit: int, *, beam: in
     """
     dataset = reader.dataset
     n, size = len(dataset), SEG * SEG
-    n_labels = dataset.vocab.num_labels
     leaf_bits: dict[int, np.ndarray] = {}
     unit_mask = np.zeros(n * size, bool)
     for i in range(n):

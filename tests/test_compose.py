@@ -13,8 +13,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import write_csv, write_label_png
+from PIL import Image
+
 from dissect.compose import (
     COMPOSITION_CSV,
     COMPOSITION_JSON,
@@ -63,9 +64,6 @@ def write_broden(root: Path, layers: list[dict[str, list[np.ndarray]]],
     sh, sw = next(a for image in layers for arrays in image.values() for a in arrays).shape
     rows = []
     for i, (image_layers, image_level) in enumerate(zip(layers, level)):
-        np.zeros((8, 8, 3), np.uint8)
-        from PIL import Image
-
         Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / "images" / f"{i}.png")
         cells = []
         for category in categories:
@@ -269,7 +267,6 @@ def test_counts_equal_brute_force(random_case, negation: str) -> None:
     leaves = brute_leaves(dataset, rows)
     units = brute_units(acts[rows], thresholds, dataset.seg_size)
     annotated = annotated_images(leaves, primary, 4)
-    domains = [np.ones(leaves.shape[::2], bool)] + [l for l in leaves[:, 1:].transpose(1, 0, 2)]
     domains = np.stack([np.ones((len(rows), leaves.shape[2]), bool)]
                        + [leaves[:, c] for c in range(1, 11)]
                        + [np.repeat(annotated[:, k:k + 1], leaves.shape[2], 1)
@@ -331,7 +328,7 @@ def units_and_formulas(dataset: BrodenDataset, acts: np.ndarray, thresholds: np.
 @pytest.mark.parametrize("negation", ["global", "annotated"])
 def test_wide_beam_and_exact_equal_exhaustive(random_case, negation: str) -> None:
     dataset, acts, cache, thresholds = random_case
-    rows, leaves, units, present = units_and_formulas(dataset, acts, thresholds)
+    _, leaves, units, present = units_and_formulas(dataset, acts, thresholds)
     primary = dataset.vocab.primary
     annotated = annotated_images(leaves, primary, 4) if negation == "annotated" else None
     formulas = all_formulas(present, 3, OPS)
@@ -355,7 +352,7 @@ def test_wide_beam_and_exact_equal_exhaustive(random_case, negation: str) -> Non
 
 
 def test_beam_slots_hold_distinct_formulas(random_case) -> None:
-    dataset, acts, cache, thresholds = random_case
+    dataset, _, cache, thresholds = random_case
     result = compose_layer(cache, dataset, thresholds, beam=6, ops=("or",), max_length=3,
                            scheduler="synchronous")
     for unit in result.units:
@@ -366,7 +363,7 @@ def test_beam_slots_hold_distinct_formulas(random_case) -> None:
 
 
 def test_renumbering_labels_does_not_change_the_result(tmp_path: Path, random_case) -> None:
-    dataset, acts, cache, thresholds = random_case
+    dataset, _, cache, thresholds = random_case
     mapping = {n: 31 - 2 * n for n in range(1, 11)}       # reverses the label order
     other = BrodenDataset(random_broden(tmp_path / "renumbered", seed=3, renumber=mapping))
     first = compose_layer(cache, dataset, thresholds, scheduler="synchronous")
@@ -386,7 +383,7 @@ def mapping_inverse(number: int, mapping: dict[int, int]) -> int:
 
 
 def test_schedulers_and_chunkings_give_identical_results(random_case, tmp_path: Path) -> None:
-    dataset, acts, cache, thresholds = random_case
+    dataset, _, cache, thresholds = random_case
     reference = compose_layer(cache, dataset, thresholds, scheduler="synchronous",
                               out_dir=tmp_path / "reference")
     runs = [("threads", 1), ("synchronous", 3), ("processes", 2)]
@@ -401,7 +398,7 @@ def test_schedulers_and_chunkings_give_identical_results(random_case, tmp_path: 
 
 def test_killed_run_then_rerun_gives_identical_files(random_case, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    dataset, acts, cache, thresholds = random_case
+    dataset, _, cache, thresholds = random_case
     clean = tmp_path / "clean"
     compose_layer(cache, dataset, thresholds, scheduler="synchronous", out_dir=clean)
     killed = tmp_path / "killed"
@@ -430,7 +427,7 @@ def test_killed_run_then_rerun_gives_identical_files(random_case, tmp_path: Path
 
 
 def test_csv_columns_and_options_errors(random_case, tmp_path: Path) -> None:
-    dataset, acts, cache, thresholds = random_case
+    dataset, _, cache, thresholds = random_case
     compose_layer(cache, dataset, thresholds, max_length=2, scheduler="synchronous",
                   out_dir=tmp_path)
     lines = (tmp_path / COMPOSITION_CSV).read_text().splitlines()
@@ -448,7 +445,7 @@ def test_bounds_are_admissible(random_case) -> None:
     """subtree_bound(F) >= the IoU of every extension of F (brute force), one_step_bounds(F)
     >= the IoU of each F op c; checked on every formula of 1 and 2 leaves and every unit."""
     dataset, acts, _, thresholds = random_case
-    rows, leaves, units, present = units_and_formulas(dataset, acts, thresholds)
+    _, leaves, units, present = units_and_formulas(dataset, acts, thresholds)
     primary = dataset.vocab.primary
     n_pixels = leaves.shape[0] * leaves.shape[2]
     label_area = leaves.sum(axis=(0, 2))

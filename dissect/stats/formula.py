@@ -26,8 +26,9 @@ and ``IoU = inter / (area + m - inter)`` (0 when the denominator is 0).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,12 +37,12 @@ __all__ = [
     "OP_CODES",
     "Formula",
     "canonical_key",
-    "iou_of",
-    "score_extensions",
-    "one_step_bounds",
-    "subtree_bound",
     "formula_arrays",
+    "iou_of",
+    "one_step_bounds",
+    "score_extensions",
     "sort_key",
+    "subtree_bound",
 ]
 
 #: Operators, in the order of their integer codes (0, 1, 2).
