@@ -373,3 +373,159 @@ def test_iou_counts_pickle_exactly_sparse_or_dense(density: float) -> None:
     assert back.equals(counts) and back.intersection.dtype == np.int64
     if density < 0.5:   # stored as nonzero entries: far smaller than the dense array
         assert len(payload) < intersection.nbytes / 4
+
+
+# ----------------------------------------------------------------------------- cell prefilter
+def full_pixels(maps: np.ndarray, below: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Sorted codes map * S + pixel of every mask pixel through the full resize (reference)."""
+    from dissect.stats.iou import _mask_pixels, _upsample_padded
+
+    which, pixel = _mask_pixels(_upsample_padded(torch.from_numpy(maps), size), below)
+    return np.sort(which * (size[0] * size[1]) + pixel)
+
+
+def tiled_pixels(maps: np.ndarray, below: np.ndarray, size: tuple[int, int],
+                 cells: int) -> np.ndarray:
+    """The same codes through the cell prefilter's tiles."""
+    from dissect.stats.iou import _tiled_mask_pixels
+
+    which, pixel = _tiled_mask_pixels(torch.from_numpy(maps), below, size, cells)
+    return np.sort(which * (size[0] * size[1]) + pixel)
+
+
+@pytest.mark.parametrize("shape,size,cells", [
+    ((7, 7), (112, 112), 2), ((7, 7), (112, 112), 6), ((28, 28), (112, 112), 4),
+    ((28, 28), (112, 112), 8), ((56, 56), (112, 112), 8), ((14, 7), (112, 112), 3),
+    ((28, 14), (112, 112), 5), ((9, 5), (36, 80), 4), ((8, 8), (8, 8), 2)])
+def test_prefilter_finds_exactly_the_full_resize_pixels(shape, size, cells) -> None:
+    # thresholds at values of the full resize itself and one float32 step below them: a tile
+    # value one ulp off the full resize would change a mask
+    from dissect.stats.iou import _upsample_padded
+
+    rng = np.random.default_rng(sum(shape) + cells)
+    for trial in range(4):
+        n = int(rng.integers(1, 19))
+        maps = rng.normal(size=(n, *shape)).astype(np.float32)
+        if trial % 2:                                   # a float16 cache, read as float32
+            maps = (3 * maps).astype(np.float16).astype(np.float32)
+        up = _upsample_padded(torch.from_numpy(maps), size)[:, :n].numpy()       # (S, n)
+        high = np.sort(up, axis=0)[int(0.97 * len(up))]          # data values near the top
+        for below in (high, np.nextafter(high, np.float32(-np.inf)),
+                      up[rng.integers(0, len(up), n), np.arange(n)],
+                      threshold_below(np.quantile(maps.reshape(n, -1), 0.9, axis=1))):
+            below = below.astype(np.float32)
+            expected = full_pixels(maps, below, size)
+            assert len(expected) > 0
+            np.testing.assert_array_equal(tiled_pixels(maps, below, size, cells), expected)
+
+
+def test_prefilter_margin_values_at_the_cut_off() -> None:
+    # Source values exactly at the threshold, one ulp either side of it, and exactly at and one
+    # ulp above the prefilter's cut-off t - 2**-18 * A: the interpolated values land on both
+    # sides of t through rounding, and the tiles must agree with the full resize.
+    from dissect.stats.iou import _PREFILTER_MARGIN
+
+    rng = np.random.default_rng(7)
+    size = (112, 112)
+    for t in (np.float32(1.0), np.float32(-0.75), np.float32(3.1e-3), np.float32(0.0)):
+        largest = np.float32(4.0)
+        cut = threshold_below(np.array([float(t) - _PREFILTER_MARGIN * float(largest)]))[0]
+        palette = np.array([t, np.nextafter(t, np.float32(np.inf)),
+                            np.nextafter(t, np.float32(-np.inf)), cut,
+                            np.nextafter(cut, np.float32(np.inf)), -largest], np.float32)
+        maps = palette[rng.integers(0, len(palette), size=(20, 28, 28))]
+        maps[:, 0, 0] = largest                         # A = 4 in every map
+        below = np.full(20, t, np.float32)
+        for cells in (2, 8):
+            expected = full_pixels(maps, below, size)
+            assert len(expected) > 0
+            np.testing.assert_array_equal(tiled_pixels(maps, below, size, cells), expected)
+
+
+def test_prefilter_applies_only_to_dyadic_enlargement_on_the_cpu() -> None:
+    from dissect.stats.iou import prefilter_applies
+
+    assert prefilter_applies((28, 28), (112, 112)) and prefilter_applies((56, 28), (112, 112))
+    assert not prefilter_applies((13, 13), (56, 56))        # 56 / 13 is no power of two
+    assert not prefilter_applies((28, 28), (84, 84))        # factor 3
+    assert not prefilter_applies((224, 224), (112, 112))    # shrinking: antialiased
+    assert not prefilter_applies((28, 28), (112, 112), device="meta")
+    assert not prefilter_applies((7, 7), (112, 112))        # small: the full path is faster
+
+
+def test_prefilter_gives_way_to_the_full_path_for_non_finite_maps() -> None:
+    from dissect.stats.iou import _tiled_mask_pixels
+
+    maps = np.random.default_rng(0).normal(size=(3, 9, 9)).astype(np.float32)
+    maps[1, 4, 4] = np.nan
+    assert _tiled_mask_pixels(torch.from_numpy(maps), np.zeros(3, np.float32), (36, 36),
+                              4) is None
+    maps[1, 4, 4] = np.inf
+    assert _tiled_mask_pixels(torch.from_numpy(maps), np.zeros(3, np.float32), (36, 36),
+                              4) is None
+
+
+@pytest.mark.parametrize("shape,seg_size", [((28, 28), (112, 112)), ((9, 5), (36, 40)),
+                                            ((13, 13), (56, 56)), ((8, 16), (64, 64))])
+def test_count_iou_with_and_without_prefilter_is_identical(monkeypatch, shape, seg_size) -> None:
+    import dissect.stats.iou as iou_module
+
+    monkeypatch.setattr(iou_module, "_PREFILTER_MIN_CELLS", 0)
+    monkeypatch.setattr(iou_module, "_TILE_CELLS", 4)
+    assert count_iou.__kwdefaults__["prefilter"] is False     # opt-in (see its docstring)
+    rng = np.random.default_rng(11)
+    n, units, n_labels = 6, 9, 12
+    acts = rng.gamma(1.5, 0.4, size=(n, units, *shape)).astype(np.float16)
+    acts[0, 0, :, :] = np.nan                                          # a broken map
+    seg = rng.integers(0, n_labels, size=(n, 3, *seg_size)).astype(np.int32)
+    seg[:, 2] = 0
+    image_labels = rng.integers(0, n_labels, size=(n, 2)).astype(np.int32)
+    primary = rng.integers(-1, 4, size=n_labels)
+    primary[0] = -1
+    values = acts.astype(np.float32)
+    thresholds = np.nanquantile(np.moveaxis(values, 1, 0).reshape(units, -1), 0.9, axis=1)
+    thresholds[1] = values[1, 1].max()                        # a threshold at a data value
+    for union in ("touched", "annotated", "all"):
+        full = count_iou(acts, seg, image_labels, thresholds, primary, 4, union,
+                         prefilter=False)
+        tiled = count_iou(acts, seg, image_labels, thresholds, primary, 4, union,
+                          prefilter=True)
+        assert tiled.equals(full)
+        assert full.intersection.sum() > 0
+
+
+# ----------------------------------------------------------------------------- quantile, float16
+def test_quantile_of_float16_values_as_stored() -> None:
+    # float16 arrays (a cache read without conversion) are selected by integer order keys:
+    # negative values, -0 / +0, infinities, ties; equal to numpy on the float32 values, and the
+    # caller's array is left alone (a single image is a view that could be partitioned in place)
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(12, 4, 3, 3)).astype(np.float16)
+    values[:, 1] = -np.abs(values[:, 1])
+    values[:6, 2] = -0.0
+    values[6:, 2] = 0.0
+    values[3, 3, 0, 0] = np.inf
+    values[4, 3, 0, 0] = -np.inf
+    for quantile in (0.005, 0.3, 0.5, 0.95):
+        top = TopKQuantile(4, quantile, 12 * 9)
+        for i in range(12):
+            before = values[i:i + 1].copy()
+            top.add(values[i:i + 1])
+            np.testing.assert_array_equal(values[i:i + 1], before)
+        assert top.buffer.dtype == np.float16
+        np.testing.assert_array_equal(top.result(), numpy_thresholds(values, quantile))
+        whole = TopKQuantile(4, quantile, 12 * 9)
+        whole.add(values.astype(np.float32))
+        np.testing.assert_array_equal(whole.merge(TopKQuantile(4, quantile, 12 * 9)).result(),
+                                      top.result())
+
+
+def test_quantile_float16_nan_of_either_sign() -> None:
+    values = np.ones((4, 3, 2), dtype=np.float16)
+    bits = values.view(np.uint16)
+    bits[1, 0, 0] = 0x7E00                      # NaN
+    bits[2, 1, 1] = 0xFE00                      # NaN with the sign bit set (sorts low as a key)
+    top = TopKQuantile(3, 0.25, 8)
+    top.add(values)
+    result = top.result()
+    assert np.isnan(result[0]) and np.isnan(result[1]) and result[2] == 1.0

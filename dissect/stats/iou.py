@@ -21,6 +21,7 @@ __all__ = [
     "upsample_maps",
     "upsample_pixel_major",
     "threshold_below",
+    "prefilter_applies",
     "count_iou",
     "iou_from_counts",
     "best_labels",
@@ -196,6 +197,212 @@ def _upsample_padded(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return up[0].permute(1, 2, 0).reshape(size[0] * size[1], padded)
 
 
+#: The cell prefilter's margin, relative to a map's largest absolute value (see
+#: :func:`_tiled_mask_pixels`).
+_PREFILTER_MARGIN = 2.0 ** -18
+
+#: Source cells per tile side of the cell prefilter, and the smallest maps it is used for
+#: (smaller maps take the full path: fewer cells to skip than the prefilter costs).
+_TILE_CELLS = 8
+_PREFILTER_MIN_CELLS = 28 * 28
+#: Tiles upsampled by one call (as its channels; more made torch's kernel slower per value).
+_TILES_PER_CALL = 512
+
+
+@dataclass(frozen=True, eq=False)
+class _AxisTiles:
+    """Tiles of one axis of a dyadic upsampling (``n_out = factor * n_in``, factor 2**k).
+
+    Tile j reads the ``window`` source rows ``start[j] .. start[j] + window - 1`` and owns the
+    output rows whose first source row (torch's ``input_index0``) lies in its cells;
+    ``output[j, o]`` is the full-size output row of row o of the tile's upsampled window when
+    tile j owns it, else -1. Every output row is owned by exactly one tile.
+    """
+
+    factor: int
+    window: int
+    start: np.ndarray         # int64 (tiles,)
+    rows: np.ndarray          # int64 (tiles, window): source rows read by each tile
+    output: np.ndarray        # int64 (tiles, window * factor)
+    owned: np.ndarray         # int64 (tiles, 2): [first, last) owned rows of a tile's output
+    kind: np.ndarray          # int64 (tiles,): tiles of one kind own the same rows
+
+
+def _first_source_rows(n_in: int, n_out: int) -> np.ndarray:
+    """int64 (n_out,): torch's ``input_index0`` of every output row of a bilinear resize with
+    align_corners=False and a dyadic ratio: ``max((o + 0.5) * n_in / n_out - 0.5, 0)`` rounded
+    down and clamped to n_in - 1 (exact in float64: every term is a short dyadic fraction)."""
+    source = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    return np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+
+
+def _axis_tiles(n_in: int, n_out: int, cells: int) -> _AxisTiles | None:
+    """The tiles of one axis, or None when the axis is not a dyadic enlargement that tiles.
+
+    Cells are the n_in - 1 intervals between source rows; tile j owns first source rows
+    ``[j * cells, (j + 1) * cells)`` and the last tile also owns n_in - 1 (the clamped bottom
+    rows). A tile's window is ``cells + 1`` source rows starting at ``min(j * cells, n_in -
+    window)``: inside it every owned output row reads the same two source rows with the same
+    weights as in the full resize (the window is upsampled by the same factor, so the weights,
+    short dyadic fractions, are bit-identical; clamping happens only at the window's edges, which
+    are the map's edges wherever an owned row is clamped).
+    """
+    factor, remainder = divmod(n_out, n_in)
+    window = cells + 1
+    if remainder or factor & (factor - 1) or n_in < window:
+        return None
+    first = _first_source_rows(n_in, n_out)
+    n_tiles = -(-(n_in - 1) // cells)
+    owner = np.minimum(first // cells, n_tiles - 1)
+    start = np.minimum(np.arange(n_tiles) * cells, n_in - window)
+    output = np.full((n_tiles, window * factor), -1, dtype=np.int64)
+    rows_out = np.arange(n_out)
+    local = rows_out - start[owner] * factor
+    output[owner, local] = rows_out
+    rows = start[:, None] + np.arange(window)[None, :]
+    owned = np.stack([np.argmax(output >= 0, axis=1),
+                      window * factor - np.argmax(output[:, ::-1] >= 0, axis=1)], axis=1)
+    if not (output[np.arange(n_tiles)[:, None], np.arange(window * factor)[None, :]] >= 0).sum(
+            axis=1).tolist() == (owned[:, 1] - owned[:, 0]).tolist():
+        raise RuntimeError("cell prefilter: a tile's owned rows are not contiguous")
+    _, kind = np.unique(owned, axis=0, return_inverse=True)
+    return _AxisTiles(factor, window, start, rows, output, owned, kind.reshape(-1))
+
+
+_TILES: dict[tuple[int, int, int, int, int], tuple[_AxisTiles, _AxisTiles] | None] = {}
+
+
+def _tiles(height: int, width: int, size: tuple[int, int], cells: int
+           ) -> tuple[_AxisTiles, _AxisTiles] | None:
+    """Both axes' tiles of the cell prefilter (memoised), or None where it does not apply."""
+    key = (height, width, size[0], size[1], cells)
+    if key not in _TILES:
+        rows, columns = _axis_tiles(height, size[0], cells), _axis_tiles(width, size[1], cells)
+        _TILES[key] = None if rows is None or columns is None else (rows, columns)
+    return _TILES[key]
+
+
+def prefilter_applies(shape: tuple[int, int], size: tuple[int, int],
+                      device: str | torch.device = "cpu") -> bool:
+    """Whether ``count_iou(..., prefilter=True)`` uses the cell prefilter for (h, w) maps and
+    (sh, sw) masks.
+
+    It does on the CPU when both sides enlarge by a power of two (7 -> 112, 28 -> 112,
+    14 x 7 -> 112 x 112, ...) and the map has at least ``_PREFILTER_MIN_CELLS`` values; other
+    ratios (13 -> 56), shrinking (antialiased) and other devices take the full path.
+    """
+    height, width = int(shape[0]), int(shape[1])
+    return (torch.device(device).type == "cpu" and height * width >= _PREFILTER_MIN_CELLS
+            and _tiles(height, width, (int(size[0]), int(size[1])), _TILE_CELLS) is not None)
+
+
+def _window_max(values: np.ndarray, cells: int, axis: int) -> np.ndarray:
+    """Maxima of ``values`` over the rows ``[j * cells, j * cells + cells]`` (clipped) of
+    ``axis``, j = 0 .. ceil((n - 1) / cells) - 1: a max pooling of kernel cells + 1, stride
+    cells (the rows a tile's owned output pixels read)."""
+    n = values.shape[axis]
+    starts = np.arange(0, n - 1, cells)
+    blocks = np.maximum.reduceat(values, starts, axis=axis)     # rows [start_j, start_j+1)
+    # ... and the first row of the next block
+    edge = [slice(None)] * values.ndim
+    inner = [slice(None)] * values.ndim
+    edge[axis], inner[axis] = slice(cells, n, cells), slice(0, len(starts) - 1)
+    following = values[tuple(edge)]
+    np.maximum(blocks[tuple(inner)], following[tuple(inner)], out=blocks[tuple(inner)])
+    return blocks
+
+
+def _tiled_mask_pixels(maps: torch.Tensor, below: np.ndarray, size: tuple[int, int],
+                       cells: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mask pixels of (B, h, w) CPU maps, upsampling only tiles that can hold one.
+
+    The exact cell prefilter. An output pixel of torch's bilinear kernel is
+    ``sum_i w_i v_i`` over the <= 4 source values v_i around it, with weights w_i >= 0 that are
+    products of the row and column interpolation weights. For a dyadic ratio these weights
+    are short dyadic fractions, exact in float32, and sum to exactly 1; the kernel evaluates the
+    sum with at most 4 multiplications and 3 additions (fused or not), each rounded with a
+    relative error of at most u = 2**-24, so the computed value is at most
+    ``max_i v_i + 7 u (1 + 7u) max_i |v_i|  <  max_i v_i + 2**-18 A`` with A the map's largest
+    absolute value. A tile all of whose source values are ``<= t - 2**-18 A`` can therefore hold
+    no pixel above the float32 threshold t: it is skipped (the cut-off is rounded down to
+    float32, which only keeps more tiles). The other tiles are cut out of their maps with one
+    ring of extra source values (their window, :class:`_AxisTiles`), upsampled together as the
+    channels of one image by the same channels-last kernel as :func:`_upsample_padded` (the
+    same vector lanes, so the same rounding), and only the output pixels each tile owns are
+    kept: they have the very values of the full resize. Maps with a non-finite value make the
+    function return None (the caller then takes the full path).
+
+    Parameters
+    ----------
+    maps:
+        float32 (B, h, w) CPU tensor (the active maps of a chunk, any images).
+    below:
+        float32 (B,) thresholds (:func:`threshold_below`).
+    size:
+        (sh, sw), an enlargement of (h, w) by a power of two on each side that tiles
+        (:func:`prefilter_applies`).
+    cells:
+        Source cells per tile side (default ``_TILE_CELLS``); cells + 1 <= h and w.
+
+    Returns
+    -------
+    (which (M,) int64 map index, pixel (M,) int64 flat pixel index of the (sh, sw) mask), in no
+    particular order; or None.
+    """
+    cells = _TILE_CELLS if cells is None else cells
+    rows, columns = _tiles(maps.shape[1], maps.shape[2], size, cells)  # type: ignore[misc]
+    n_maps, height, width = maps.shape
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if n_maps == 0:
+        return empty
+    values = maps.numpy()
+    flat = values.reshape(n_maps, height * width)
+    largest = np.maximum(flat.max(axis=1), -flat.min(axis=1)).astype(np.float64)   # (B,)
+    if not np.isfinite(largest).all():
+        return None
+    cutoff = threshold_below(below.astype(np.float64) - _PREFILTER_MARGIN * largest)
+    # A tile is hot when a value its owned pixels read exceeds the cut-off: the source rows
+    # [j * cells, j * cells + cells] (clipped to the map) for tile j, and the same for columns,
+    # which is a max pooling of kernel cells + 1 and stride cells.
+    pooled = _window_max(_window_max(values, cells, axis=1), cells, axis=2)       # (B, ty, tx)
+    hot_tiles = pooled > cutoff[:, None, None]
+    which, tile_y, tile_x = np.nonzero(hot_tiles)                               # (T,) each
+    if len(which) == 0:
+        return empty
+    window_size = (rows.window * rows.factor, columns.window * columns.factor)
+    offsets = (np.arange(rows.window)[:, None] * width
+               + np.arange(columns.window)[None, :]).reshape(-1)              # (wy * wx,)
+    corner = which * (height * width) + rows.start[tile_y] * width + columns.start[tile_x]
+    # Tiles of one kind (first, inner or last tile on each axis) own the same rectangle of
+    # their upsampled window: only that rectangle is compared with the thresholds.
+    kind = rows.kind[tile_y] * (columns.kind.max() + 1) + columns.kind[tile_x]
+    found_which, found_pixel = [], []
+    for group in np.split(np.argsort(kind, kind="stable"),
+                          np.flatnonzero(np.diff(np.sort(kind))) + 1):
+        y0, y1 = rows.owned[tile_y[group[0]]]
+        x0, x1 = columns.owned[tile_x[group[0]]]
+        for first in range(0, len(group), _TILES_PER_CALL):
+            tiles = group[first:first + _TILES_PER_CALL]
+            windows = np.take(flat, corner[tiles, None] + offsets[None, :]).reshape(
+                len(tiles), rows.window, columns.window)                      # (t, wy, wx)
+            up = _upsample_padded(torch.from_numpy(windows), window_size)        # (Sw, P)
+            n_columns = up.shape[1]
+            limits = np.full(n_columns, np.inf, dtype=np.float32)   # padding never passes
+            limits[:len(tiles)] = below[which[tiles]]
+            owned = up.numpy().reshape(*window_size, n_columns)[y0:y1, x0:x1]    # (oy, ox, P)
+            hits = np.flatnonzero(owned > limits)
+            del up, owned
+            local, column = np.divmod(hits, n_columns)
+            local_y, local_x = np.divmod(local, x1 - x0)
+            tile = tiles[column]
+            found_which.append(which[tile])
+            found_pixel.append((rows.start[tile_y[tile]] * rows.factor + y0 + local_y) * size[1]
+                               + columns.start[tile_x[tile]] * columns.factor + x0 + local_x)
+    if not found_which:
+        return empty
+    return np.concatenate(found_which), np.concatenate(found_pixel)
+
+
 def threshold_below(thresholds: np.ndarray) -> np.ndarray:
     """float32 thresholds t32 with ``x > t32`` exactly when ``x > t`` for every float32 x.
 
@@ -321,6 +528,8 @@ def count_iou(
     n_categories: int,
     union: UnionRule = "touched",
     device: str | torch.device | None = None,
+    *,
+    prefilter: bool = False,
 ) -> IoUCounts:
     """IoU counts of one chunk of images (DESIGN.md §3 steps 2-3).
 
@@ -355,6 +564,12 @@ def count_iou(
     device:
         Torch device for the per-pixel work; default the device of ``acts`` when it is a
         tensor, else the CPU.
+    prefilter:
+        True: use the exact cell prefilter where it applies (:func:`prefilter_applies`): only
+        the tiles of a map that can hold a mask pixel are upsampled, with the full resize's
+        values (see :func:`_tiled_mask_pixels`). The counts are identical either way. Off by
+        default: on the 2-core CPU it was measured on (scripts/bench_tally.py), the tiles' index
+        work cost as much as the upsampling and scan they save.
 
     Returns
     -------
@@ -404,6 +619,20 @@ def count_iou(
     pair_image_t, pair_unit_t = torch.nonzero(active, as_tuple=True)            # image-major
     pair_image, pair_unit = pair_image_t.cpu().numpy(), pair_unit_t.cpu().numpy()
     on_host = dev.type == "cpu"
+    chunk_which = chunk_pixels = None
+    if prefilter and prefilter_applies((h, w), (sh, sw), dev):
+        # every active map of the chunk at once: (pair index, pixel) of its mask pixels
+        found = _tiled_mask_pixels(
+            acts_t.reshape(n * n_units, h, w).index_select(0, pair_image_t * n_units
+                                                           + pair_unit_t),
+            below_np[pair_unit], (sh, sw))
+        if found is not None:
+            # grouped by image (a stable radix sort of 16-bit keys), pairs are image-major
+            image_of = pair_image[found[0]]
+            order = np.argsort(image_of.astype(np.uint16) if n <= 2 ** 16 else image_of,
+                               kind="stable")
+            chunk_which, chunk_pixels = found[0][order], found[1][order]
+            chunk_bounds = np.searchsorted(image_of[order], np.arange(n + 1))
     mask_area = np.zeros((n, n_units), dtype=np.int64)
     joint_codes, joint_counts, touched_codes, touched_areas = [], [], [], []
     seg_images = np.ascontiguousarray(seg).reshape(n, n_layers, area)
@@ -412,15 +641,21 @@ def count_iou(
     compact_of = np.zeros(n_labels, dtype=np.int64)
     compact_image, present = -1, np.zeros(0, np.int64)
     compact_seg = np.zeros((0, area), np.int64)
-    for start, stop in _pair_batches(pair_image, n, max(1, _BATCH_VALUES // area)):
+    # one batch per image with the prefilter (its pixels are found already)
+    max_maps = n_units if chunk_pixels is not None else max(1, _BATCH_VALUES // area)
+    for start, stop in _pair_batches(pair_image, n, max_maps):
         image = int(pair_image[start])                  # every batch holds one image's maps
         units = pair_unit[start:stop]
         n_maps = stop - start
         units_t = pair_unit_t[start:stop]
-        maps = acts_t[image].index_select(0, units_t)                             # (B, h, w)
-        up = _upsample_padded(maps, (sh, sw))                                    # (S, P)
-        which, pixel = _mask_pixels(up, below_np[units] if on_host else below[units_t])
-        del up                                                                   # (M,) (M,)
+        if chunk_pixels is not None:      # the prefilter's pixels of this image's maps
+            first, last = chunk_bounds[image], chunk_bounds[image + 1]
+            which, pixel = chunk_which[first:last] - start, chunk_pixels[first:last]
+        else:
+            maps = acts_t[image].index_select(0, units_t)                         # (B, h, w)
+            up = _upsample_padded(maps, (sh, sw))                                # (S, P)
+            which, pixel = _mask_pixels(up, below_np[units] if on_host else below[units_t])
+            del up                                                               # (M,) (M,)
         if image != compact_image:
             compact_of[present] = 0
             present = np.flatnonzero(pixel_counts[image])                           # (k,)
