@@ -131,6 +131,9 @@ def build_synthetic_run(root: Path, dataset_dir: Path, *, quantile: float = 0.05
                   iou_threshold=iou_threshold, scheduler="synchronous", out_dir=run_dir / LAYER)
     write_ablation_csv(run_dir / LAYER / "ablation.csv", ABLATION_ROWS)
     write_later_results(run_dir)
+    (run_dir / LAYER / "ablation.json").write_text(json.dumps(
+        {"topn": {"rank_split": "train", "eval_split": "val", "rule": "zero", "rank_by": "recall"},
+         "random": {"seed": 0, "repeats": 2, "warning": "accuracy at <chance>"}}))
     return run_dir
 
 
@@ -596,6 +599,8 @@ def test_report_json_matches_dissection_and_cache(synthetic_run: Path, rendered:
         assert ious == sorted(ious, reverse=True) and all(v <= unit["iou"] + 1e-9 for v in ious)
     assert names  # labels present
     assert layer["ablation"]["metric"] == "recall" and layer["ablation"]["single"]
+    assert layer["ablation"]["options"]["random"] == {"repeats": "2", "seed": "0",
+                                                      "warning": "accuracy at <chance>"}
     assert layer["ablation"]["studies"] == ["single", "topn", "keep", "random", "concept"]
     assert layer["ablation"]["headline"] == {"n": 2, "classes": 2, "topn_drop": 0.4,
                                              "random_drop": 0.1}
@@ -946,6 +951,8 @@ def test_layer_page_shows_the_study(synthetic_run: Path, rendered: Path) -> None
         assert f'<a href="files/{LAYER}/{name}">{name}</a>' in page
     assert '<a href="report.json">report.json</a>' in page
     assert "scroll-margin-top" in page
+    assert "topn: eval_split val, rank_by recall, rank_split train, rule zero" in page
+    assert "Warning (random): accuracy at &lt;chance&gt;" in page
     explain_page = (rendered.parent / "explain_demo.html").read_text()
     assert "img&lt;1&gt;.jpg &rarr; kitchen (logit 3.500)" in explain_page
     assert '<img src="explain/demo/dog.png" alt="dog (80.0 %)">' in explain_page

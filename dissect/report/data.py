@@ -549,7 +549,7 @@ def layer_data(
     if ablation is not None or effects is not None:
         view = dict(ablation) if ablation is not None else {
             "metric": metric, "studies": ["single"], "curves": [], "mean_curve": None,
-            "headline": None, "concepts": []}
+            "headline": None, "concepts": [], "options": {}}
         view["metric"] = metric
         view["single"] = effects is not None
     return {
@@ -620,6 +620,9 @@ def layer_results(run_dir: Path, layer: str, n_units: int, metric: str) -> dict[
         rows = read_ablation_csv(path)
         records = studies.ablation_records(rows, n_units, metric, path=path)
         view = studies.ablation_view(records, n_units, metric)
+        options_path = layer_dir / "ablation.json"
+        view["options"] = studies.read_ablation_options(options_path) \
+            if options_path.is_file() else {}
         out["ablation"] = view
         if "single" in view["studies"]:
             out["effects"] = ablation_effects(rows, n_units, metric, path=path)

@@ -355,6 +355,21 @@ def ablation_view(records: Sequence[AblationRecord], n_units: int, metric: str) 
             "concepts": concept_ablations(records)}
 
 
+def read_ablation_options(path: Path) -> dict[str, dict[str, str]]:
+    """``ablation.json``: per study run its options (rule, splits, rank_by, sizes, seed, ...,
+    and ``warning`` when the run issued one), values as text; CacheError for unreadable JSON."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CacheError(f"{path}: cannot read the ablation options ({error})") from None
+    if not isinstance(data, dict):
+        raise CacheError(f"{path}: expected an object of study name -> options")
+    return {str(study): {str(k): "" if v is None else str(v) for k, v in sorted(opts.items())}
+            for study, opts in sorted(data.items()) if isinstance(opts, dict)}
+
+
 # --------------------------------------------------------------------------------------------
 # importance.csv, compositional.csv, significance.csv / .h5
 
