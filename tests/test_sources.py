@@ -24,7 +24,7 @@ from dissect.data.from_masks import (
     strip_extension,
 )
 from dissect.data.imagefolder import ImageFolderDataset
-from dissect.errors import DatasetError, OptionError
+from dissect.errors import DatasetError, ModelError, OptionError
 from dissect.segment import label_maps, segment_images
 from dissect.tally import dissect_layer
 
@@ -490,7 +490,7 @@ def test_segment_killed_run_resumes_to_identical_files(tmp_path: Path, monkeypat
 
 def test_segment_refuses_wrong_channel_count_and_mixed_sizes(tmp_path: Path) -> None:
     colour_images(tmp_path / "in")
-    with pytest.raises(Exception, match="outputs 3 channels but the class list has 2"):
+    with pytest.raises(ModelError, match="outputs 3 channels but the class list has 2"):
         segment_images(tmp_path / "in", ColourSegmenter(), ["red", "green"], tmp_path / "out",
                        **SEGMENT_OPTIONS)
     save_rgb(tmp_path / "in" / "big.png", np.zeros((10, 8, 3)))
