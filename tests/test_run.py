@@ -13,12 +13,13 @@ from dissect.toy.model import ToyCNN
 
 @pytest.fixture
 def count_forwards(monkeypatch):
-    """Count forward passes of the toy CNN (the only model these runs use)."""
-    calls = {"n": 0}
+    """Count forward passes of the toy CNN (the only model these runs use): ``n`` over dataset
+    batches, ``probes`` the recorder's one-image input-size probes."""
+    calls = {"n": 0, "probes": 0}
     original = ToyCNN.forward
 
     def counted(self, x):
-        calls["n"] += 1
+        calls["probes" if x.shape[0] == 1 else "n"] += 1
         return original(self, x)
 
     monkeypatch.setattr(ToyCNN, "forward", counted)
@@ -49,6 +50,7 @@ def test_run_interrupted_after_record_resumes_without_recomputing(
 
     assert main(run_args(toy_dataset, out)) == 0
     assert count_forwards["n"] == 3, "the resumed run ran the model again"
+    assert count_forwards["probes"] == 1, "the resumed run probed the model again"
     after = {layer: (p.stat().st_ino, p.stat().st_mtime_ns) for layer, p in caches.items()}
     assert after == before
     for layer in caches:

@@ -601,9 +601,9 @@ LAYER_FILES = ("tally.csv", "ablation.csv", "importance.csv", "compositional.csv
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
     """``run.json`` of a run directory as a dict (the report's one reader of it)."""
-    from dissect.run import read_run
+    from dissect.rundir import RunDir
 
-    return read_run(run_dir)
+    return RunDir(run_dir).read()
 
 
 def layer_results(run_dir: Path, layer: str, n_units: int, metric: str) -> dict[str, Any]:

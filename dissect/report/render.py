@@ -678,9 +678,8 @@ def render_report(
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     if dataset is None:
-        from dissect.run import read_run
-
-        dataset = report_data.open_run_dataset(run_dir, read_run(run_dir).get("config", {}))
+        dataset = report_data.open_run_dataset(run_dir, report_data.read_run_record(run_dir)
+                                               .get("config", {}))
     data = report_data.build_report_data(
         run_dir, dataset=dataset, top_k=top_k, ablation_metric=ablation_metric
     )
