@@ -37,6 +37,7 @@ __all__ = [
     "FORMULA_OPS",
     "SEARCHES",
     "NEGATIONS",
+    "LAYOUTS",
     "STAGES",
     "Option",
     "RunConfig",
@@ -76,6 +77,8 @@ SCHEDULERS: tuple[str, ...] = ("threads", "processes", "synchronous")
 FORMULA_OPS: tuple[str, ...] = ("or", "and", "and_not")
 SEARCHES: tuple[str, ...] = ("beam", "exact")
 NEGATIONS: tuple[str, ...] = ("global", "annotated")
+#: How layer outputs become (B, U, h, w) unit maps (dissect.record.LayoutOptions).
+LAYOUTS: tuple[str, ...] = ("auto", "nchw", "nhwc", "tokens")
 #: Which command sets an option (and the order of the help groups).
 STAGES: tuple[str, ...] = ("model", "record", "tally", "ablate", "compose", "significance",
                            "run")
@@ -154,6 +157,13 @@ def _candidates(value: Any) -> None:
 def _alpha(value: Any) -> None:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
         raise OptionError(f"--alpha: expected a number in (0, 1), got {value!r}")
+
+
+def _not_negative(option: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise OptionError(f"{option}: expected an integer >= 0, got {value!r}")
+    return check
 
 
 def _sizes(value: Any) -> None:
@@ -283,6 +293,19 @@ class RunConfig:
                                              "dtype", None, choices=AUTOCAST_DTYPES)
     channels_last: bool = _option("record", "run the model in the channels_last memory format",
                                   False, parse="flag")
+    layout: str = _option("record", "how layer outputs become unit maps: auto (4-D as NCHW, "
+                                    "3-D as ViT tokens), nchw, nhwc (channel-last, e.g. Swin), "
+                                    "tokens", "auto", choices=LAYOUTS)
+    drop_tokens: int | None = _option("record", "leading class/register tokens of a token layer "
+                                                "to leave out (default: the tokens beyond the "
+                                                "grid)", None, parse="int",
+                                      check=_not_negative("--drop-tokens"))
+    token_grid: tuple[int, int] | None = _option("record", "patch grid H,W of a token layer "
+                                                           "(default: input size / patch size)",
+                                                 None, parse="size_pair")
+    patch_size: tuple[int, int] | None = _option("record", "patch size P or H,W of a token layer "
+                                                           "(default: read from the model)", None,
+                                                 parse="size_pair")
     quantile: float = _option("tally", "top quantile of activations that defines a unit's mask",
                               0.005, parse="float", check=check_quantile)
     thresholds: str | None = _option("tally", ".npy file of shape (U,) with one layer's "
@@ -310,6 +333,10 @@ class RunConfig:
     ablation_layers: tuple[str, ...] | None = _option("ablate", "layers to ablate (default: "
                                                                 "every recorded layer)", None,
                                                       many=True)
+    eval_dataset: str | None = _option("ablate", "measure ablation effects on this labeled set: "
+                                                 "an ImageFolder tree (one folder per class) or "
+                                                 "a Broden-format dataset (default: the "
+                                                 "dissection dataset)", None, path=True)
     rule: str = _option("ablate", "ablation rule", "zero", choices=ABLATION_RULES)
     repeats: int = _option("ablate", "random unit sets per size", 5, parse="int",
                            check=_positive("--repeats"))

@@ -122,7 +122,9 @@ def record_stage(config: RunConfig, *, force: bool = False, progress: bool = Tru
             resize=config.resize, batch_size=config.batch_size, device=device,
             dtype=config.dtype, logits=config.logits, force=force, progress=progress,
             model_spec=config.model, autocast=config.autocast,
-            channels_last=config.channels_last)
+            channels_last=config.channels_last, layout=config.layout,
+            drop_tokens=config.drop_tokens, token_grid=config.token_grid,
+            patch_size=config.patch_size)
     # run.json is written only once the recorder accepted the run directory, so a refused run
     # (a cache from another model, say) leaves the earlier run's record untouched.
     run.write_config(_merge_layers(run, config), device=device)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from dissect.config import LAYOUTS
 from dissect.errors import LayerError, OptionError
 from dissect.record.models import first_tensor, model_name
 
@@ -37,7 +38,8 @@ from dissect.record.models import first_tensor, model_name
 #: - ``tokens``: 3-D (B, T, C) token outputs only: the leading ``drop_tokens`` tokens (class and
 #:   register tokens; default ``T - h * w``) are left out and the rest, in row-major patch order,
 #:   become an ``h x w`` grid (``grid``; default input size // ``patch_size``).
-LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
+#:
+#: (``LAYOUTS`` itself is defined once, in :mod:`dissect.config`.)
 #: The same choices under the name the command line uses for its ``--layout`` option.
 TOKEN_LAYOUTS = LAYOUTS
 #: How many leading (class/register) tokens the grid inference may drop at most.
