@@ -21,6 +21,7 @@ import numpy as np
 
 from dissect.errors import CacheError, OptionError
 from dissect.report import data as report_data
+from dissect.rundir import RunDir
 
 #: Files whose bytes identify a dataset (two copies of one dataset compare equal).
 DATASET_FILES = ("index.csv", "category.csv", "label.csv")
@@ -93,11 +94,12 @@ def summarize_run(run_dir: Path, name: str) -> dict[str, Any]:
     from dissect.tally import load_dissection
 
     run_dir = Path(run_dir)
+    paths = RunDir(run_dir)
     config = report_data.read_run_record(run_dir).get("config", {})
     layers = []
     for layer in [str(x) for x in config.get("layers") or []]:
-        if (run_dir / layer / "dissection.h5").exists():
-            layers.append(summarize_layer(load_dissection(run_dir / layer)))
+        if paths.dissection(layer).exists():
+            layers.append(summarize_layer(load_dissection(paths.layer_dir(layer))))
     if not layers:
         raise CacheError(f"{run_dir}: no layer has been dissected; run `dissect tally --run "
                          f"{run_dir}` before comparing it")

@@ -23,6 +23,15 @@ from typing import Any
 import numpy as np
 
 from dissect.errors import CacheError, OptionError
+from dissect.rundir import (
+    ABLATION_CSV,
+    COMPOSITIONAL_CSV,
+    DISSECTION_FILE,
+    IMPORTANCE_CSV,
+    SIGNIFICANCE_CSV,
+    TALLY_FILE,
+    RunDir,
+)
 
 #: Version of the report.json layout.
 SCHEMA_VERSION = 1
@@ -344,7 +353,7 @@ def ablation_effects(
     n_units: int,
     metric: str = ABLATION_METRIC,
     n: int = N_HURT_CLASSES,
-    path: Path = Path("ablation.csv"),
+    path: Path = Path(ABLATION_CSV),
 ) -> list[list[dict[str, Any]]]:
     """Per unit, the classes whose ``metric`` drops most when the unit alone is ablated.
 
@@ -579,30 +588,27 @@ def open_run_dataset(run_dir: Path, config: dict[str, Any]) -> Any:
     from dissect.data import BrodenDataset
 
     if not config.get("dataset"):
-        raise CacheError(f"{Path(run_dir) / 'run.json'}: config.dataset is missing; expected a "
+        raise CacheError(f"{RunDir(run_dir).run_json}: config.dataset is missing; expected a "
                          "dataset directory")
     return BrodenDataset(config["dataset"])
 
 
 def amax_reader(run_dir: Path, layer: str) -> tuple[Callable[[int, int], np.ndarray], int, int]:
     """(read(start, stop) -> float32 (rows, U) of ``amax``, N, U) for a layer's activation cache."""
-    from dissect.record import CacheReader, cache_path, open_cache
+    from dissect.record import CacheReader, open_cache
 
-    path = cache_path(run_dir, layer)
+    path = RunDir(run_dir).cache(layer)
     info = open_cache(path)
     reader = CacheReader(path, name="amax")
     return reader.read, int(info.n_images), int(info.n_units)
 
 
 #: Result files of a layer that the report copies beside its pages and links to (in this order).
-LAYER_FILES = ("tally.csv", "ablation.csv", "importance.csv", "compositional.csv",
-               "significance.csv")
+LAYER_FILES = (TALLY_FILE, ABLATION_CSV, IMPORTANCE_CSV, COMPOSITIONAL_CSV, SIGNIFICANCE_CSV)
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
     """``run.json`` of a run directory as a dict (the report's one reader of it)."""
-    from dissect.rundir import RunDir
-
     return RunDir(run_dir).read()
 
 
@@ -613,30 +619,31 @@ def layer_results(run_dir: Path, layer: str, n_units: int, metric: str) -> dict[
     (``null_histograms``), and ``files`` (the existing :data:`LAYER_FILES`)."""
     from dissect.report import studies
 
-    layer_dir = Path(run_dir) / layer
+    run = RunDir(run_dir)
+    layer_dir = run.layer_dir(layer)
     out: dict[str, Any] = {"effects": None}
-    path = layer_dir / "ablation.csv"
+    path = run.ablation_csv(layer)
     if path.exists():
         rows = read_ablation_csv(path)
         records = studies.ablation_records(rows, n_units, metric, path=path)
         view = studies.ablation_view(records, n_units, metric)
-        options_path = layer_dir / "ablation.json"
+        options_path = run.ablation_meta(layer)
         view["options"] = studies.read_ablation_options(options_path) \
             if options_path.is_file() else {}
         out["ablation"] = view
         if "single" in view["studies"]:
             out["effects"] = ablation_effects(rows, n_units, metric, path=path)
             out["damage"] = studies.unit_damage(records, n_units)
-    path = layer_dir / "importance.csv"
+    path = run.importance(layer)
     if path.exists():
         out["importance"] = studies.read_importance(path, n_units)
-    path = layer_dir / "compositional.csv"
+    path = run.compositional_csv(layer)
     if path.exists():
         out["formulas"] = studies.read_compositional(path, n_units)
-    path = layer_dir / "significance.csv"
+    path = run.significance_csv(layer)
     if path.exists():
         out["significance"] = studies.read_significance(path, n_units)
-    path = layer_dir / "significance.h5"
+    path = run.significance_h5(layer)
     if path.exists():
         arrays = studies.read_null_histograms(path, n_units)
         if arrays is not None:
@@ -690,6 +697,7 @@ def build_report_data(
             f"ablation_metric {ablation_metric!r} is not one of {', '.join(ABLATION_METRICS)}"
         )
     run_dir = Path(run_dir)
+    paths = RunDir(run_dir)
     run = read_run_record(run_dir)
     config = run.get("config", {})
     layers = [str(x) for x in config.get("layers") or []]
@@ -702,8 +710,8 @@ def build_report_data(
     missing: list[str] = []
     categories: list[str] = []
     for layer in layers:
-        layer_dir = run_dir / layer
-        if not (layer_dir / "dissection.h5").exists():
+        layer_dir = paths.layer_dir(layer)
+        if not paths.dissection(layer).exists():
             missing.append(layer)
             continue
         result = load_dissection(layer_dir)
@@ -712,13 +720,13 @@ def build_report_data(
         read, n_images, n_units = amax_reader(run_dir, layer)
         if n_images != len(image_names):
             raise CacheError(
-                f"{run_dir / 'cache'}: the cache of layer {layer!r} holds {n_images} images but "
+                f"{paths.cache_dir}: the cache of layer {layer!r} holds {n_images} images but "
                 f"the dataset {config.get('dataset')} has {len(image_names)}; expected the same "
                 "images"
             )
         if np.asarray(result.unit_iou).shape[0] != n_units:
             raise CacheError(
-                f"{layer_dir / 'dissection.h5'}: {np.asarray(result.unit_iou).shape[0]} units but "
+                f"{paths.dissection(layer)}: {np.asarray(result.unit_iou).shape[0]} units but "
                 f"the cache of layer {layer!r} has {n_units}; rerun `dissect tally`"
             )
         chunk = max(1, AMAX_CHUNK_VALUES // max(1, n_units))
@@ -733,7 +741,7 @@ def build_report_data(
         out_layers.append(data)
     if not out_layers:
         raise CacheError(
-            f"{run_dir}: no layer has been dissected; expected <layer>/dissection.h5 for one of "
+            f"{run_dir}: no layer has been dissected; expected <layer>/{DISSECTION_FILE} for one of "
             f"the layers {', '.join(layers) or '(none in run.json)'}; run "
             f"`dissect tally --run {run_dir}`"
         )
@@ -751,5 +759,5 @@ def build_report_data(
         "categories": categories,
         "layers": out_layers,
         "missing_layers": missing,
-        "explanations": read_explanations(run_dir / "explain"),
+        "explanations": read_explanations(paths.explain_dir),
     }

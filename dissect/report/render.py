@@ -21,6 +21,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from dissect.report import data as report_data
 from dissect.report.images import write_unit_strips
+from dissect.rundir import RunDir
 
 #: Category colours, assigned in the order categories first appear in the run.
 PALETTE = (
@@ -559,9 +560,9 @@ def write_layer_strips(
     out_dir : the report directory
     thumbnail_height : pixels
     """
-    from dissect.record import cache_path, open_cache
+    from dissect.record import open_cache
 
-    path = cache_path(run_dir, layer["name"])
+    path = RunDir(run_dir).cache(layer["name"])
     info = open_cache(path)
     k = max([len(u["top_images"]) for u in layer["units"]], default=0)
     top = np.full((len(layer["units"]), max(1, k)), -1, dtype=np.int64)
@@ -634,7 +635,7 @@ def copy_layer_files(run_dir: Path, data: dict[str, Any], out_dir: Path) -> None
         for name, rel in layer["files"].items():
             target = out_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(run_dir) / layer["name"] / name, target)
+            shutil.copyfile(RunDir(run_dir).layer_dir(layer["name"]) / name, target)
 
 
 def render_report(
@@ -676,7 +677,8 @@ def render_report(
     if thumbnail_height < 8:
         raise OptionError(f"thumbnail_height is {thumbnail_height}; expected at least 8 pixels")
     run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    paths = RunDir(run_dir)
+    out = Path(out_dir) if out_dir is not None else paths.report_dir
     if dataset is None:
         dataset = report_data.open_run_dataset(run_dir, report_data.read_run_record(run_dir)
                                                .get("config", {}))
@@ -685,9 +687,9 @@ def render_report(
     )
     out.mkdir(parents=True, exist_ok=True)
     for layer in data["layers"]:
-        thresholds = np.asarray(load_dissection(run_dir / layer["name"]).thresholds)
+        thresholds = np.asarray(load_dissection(paths.layer_dir(layer["name"])).thresholds)
         write_layer_strips(run_dir, layer, thresholds, dataset, out, thumbnail_height)
     copy_layer_files(run_dir, data, out)
-    copy_explanation_maps(data["explanations"], run_dir / "explain", out)
+    copy_explanation_maps(data["explanations"], paths.explain_dir, out)
     shape = thumbnail_shape(tuple(dataset.image_size), thumbnail_height)
     return render_pages(data, out, shape)

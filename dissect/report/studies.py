@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dissect.errors import CacheError, OptionError
+from dissect.rundir import ABLATION_CSV
 
 #: Classes listed per concept ablation (the most hurt first).
 N_CONCEPT_CLASSES = 3
@@ -105,7 +106,7 @@ class AblationRecord:
 
 
 def ablation_records(rows: Sequence[dict[str, str]], n_units: int, metric: str,
-                     path: Path = Path("ablation.csv")) -> list[AblationRecord]:
+                     path: Path = Path(ABLATION_CSV)) -> list[AblationRecord]:
     """Parse ablation.csv rows (DESIGN §6) for one metric.
 
     Parameters
