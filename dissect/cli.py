@@ -36,9 +36,29 @@ def _quiet_option(parser: argparse.ArgumentParser) -> None:
                         help="no progress bars (they are also off when stderr is not a terminal)")
 
 
+def _attribution_list(text: str) -> tuple[str, ...]:
+    """``saliency,ig`` -> ("saliency", "ig"); ``none`` -> ()."""
+    from dissect.config import ATTRIBUTION_METHODS
+
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if names in ((), ("none",)):
+        return ()
+    unknown = [v for v in names if v not in ATTRIBUTION_METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; expected "
+                                         f"{','.join(ATTRIBUTION_METHODS)} or none")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand; run options come from dissect.config."""
-    from dissect.config import add_options, size_pair
+    from dissect.config import (
+        ATTRIBUTION_METHODS,
+        EXPLAIN_GROUPS,
+        EXPLAIN_METHODS,
+        add_options,
+        size_pair,
+    )
 
     parser = argparse.ArgumentParser(
         prog="dissect", description="What the units of a vision model detect, and what they do.")
@@ -109,6 +129,41 @@ def build_parser() -> argparse.ArgumentParser:
     significance.add_argument("--scheduler", help="Dask scheduler (default: the run's)")
     significance.add_argument("--device", help="torch device (default: the run's)")
     _quiet_option(significance)
+
+    explain = sub.add_parser("explain", help="which units and concepts of a layer made the "
+                                             "model's predictions (heatmaps and shares)")
+    _run_option(explain)
+    explain.add_argument("--layer", required=True, help="a tallied layer of the run")
+    source = explain.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", nargs="+", metavar="FILE",
+                        help="image files (preprocessed as the run recorded its dataset)")
+    source.add_argument("--dataset-images", type=int, metavar="N",
+                        help="N images of the run's dataset, evenly spaced")
+    source.add_argument("--class", dest="class_", metavar="K",
+                        help="a class (output index or name): its concept profile over the "
+                             "dataset images of that class")
+    explain.add_argument("--target", metavar="CLASS",
+                         help="class to explain (output index or name; default: each image's "
+                              "top-1 output)")
+    explain.add_argument("--method", choices=EXPLAIN_METHODS, default="grad_x_act",
+                         help="unit contribution: gradient x activation, or Grad-CAM weights "
+                              "(default grad_x_act)")
+    explain.add_argument("--group-by", choices=EXPLAIN_GROUPS, default="label",
+                         help="sum unit contributions by label or by category (default label)")
+    explain.add_argument("--iou-threshold", type=float,
+                         help="a unit counts for its label at this IoU (default: the tally's)")
+    explain.add_argument("--top-k", type=int, default=5,
+                         help="concept maps per image (default 5)")
+    explain.add_argument("--attributions", type=_attribution_list, default=("saliency", "gradcam"),
+                         help=f"input-space maps, comma-separated from "
+                              f"{','.join(ATTRIBUTION_METHODS)}, or none (default "
+                              f"saliency,gradcam)")
+    explain.add_argument("--selection", choices=("true", "predicted"), default="true",
+                         help="with --class: images labeled as the class (true) or predicted "
+                              "as it (default true)")
+    explain.add_argument("--name", help="name of the image set (explain/<name>.json)")
+    explain.add_argument("--batch-size", type=int, help="images per pass (default: the run's)")
+    explain.add_argument("--device", help="torch device (default: the run's)")
 
     report = sub.add_parser("report", help="render the HTML report of a run")
     report.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory")
@@ -259,6 +314,29 @@ def cmd_significance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from dissect.run import explain_stage
+
+    if args.top_k < 0:
+        raise OptionError(f"--top-k: expected a number >= 0, got {args.top_k}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise OptionError(f"--batch-size: expected a positive number, got {args.batch_size}")
+    summary: list[str] = []
+    path = explain_stage(args.out, args.layer, images=args.images or (),
+                         dataset_images=args.dataset_images, class_=args.class_,
+                         target=args.target, method=args.method, group_by=args.group_by,
+                         iou_threshold=args.iou_threshold, top_k=args.top_k,
+                         attributions=args.attributions, name=args.name,
+                         batch_size=args.batch_size, device=args.device,
+                         selection=args.selection, summary=summary)
+    for line in summary:
+        print(line)
+    print(f"explanations: {path}")
+    if path.parent.name != "classes":
+        print(f"see them in the report: dissect report {args.out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dissect.run import report_stage
 
@@ -292,7 +370,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"dataset": cmd_dataset, "layers": cmd_layers, "record": cmd_record,
             "tally": cmd_tally, "compose": cmd_compose, "significance": cmd_significance,
-            "ablate": cmd_ablate, "report": cmd_report, "run": cmd_run,
+            "ablate": cmd_ablate, "explain": cmd_explain, "report": cmd_report, "run": cmd_run,
             "demo": cmd_demo}
 
 

@@ -38,6 +38,9 @@ __all__ = [
     "SEARCHES",
     "NEGATIONS",
     "LAYOUTS",
+    "EXPLAIN_METHODS",
+    "EXPLAIN_GROUPS",
+    "ATTRIBUTION_METHODS",
     "STAGES",
     "Option",
     "RunConfig",
@@ -79,6 +82,11 @@ SEARCHES: tuple[str, ...] = ("beam", "exact")
 NEGATIONS: tuple[str, ...] = ("global", "annotated")
 #: How layer outputs become (B, U, h, w) unit maps (dissect.record.LayoutOptions).
 LAYOUTS: tuple[str, ...] = ("auto", "nchw", "nhwc", "tokens")
+#: How a unit's contribution to a logit is measured (DESIGN.md §11), and how units are grouped.
+EXPLAIN_METHODS: tuple[str, ...] = ("grad_x_act", "gradcam")
+EXPLAIN_GROUPS: tuple[str, ...] = ("label", "category")
+#: Input-space maps of `dissect explain` (captum).
+ATTRIBUTION_METHODS: tuple[str, ...] = ("saliency", "gradcam", "ig", "occlusion")
 #: Which command sets an option (and the order of the help groups).
 STAGES: tuple[str, ...] = ("model", "record", "tally", "ablate", "compose", "significance",
                            "run")

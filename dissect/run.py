@@ -435,6 +435,234 @@ def format_significance(result: Any) -> str:
             f"union {result.options.get('union')})")
 
 
+# --- explanations ---------------------------------------------------------------------------
+
+def _explain_inputs(config: RunConfig, dataset: Any, files: Sequence[str | os.PathLike[str]],
+                    indices: Sequence[int]) -> tuple[Any, list[Any], list[str]]:
+    """Images preprocessed as recorded: float32 (B, 3, H, W), the uint8 (H, W, 3) pictures
+    at the same size (for the overlays), and their ids (file or dataset image names)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dissect.data import image_tensor
+    from dissect.errors import DatasetError
+
+    size = tuple(config.resize) if config.resize is not None else tuple(dataset.image_size)
+    pixels, ids = [], []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                pixels.append(np.array(image.convert("RGB")))
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"{path}: cannot read the image ({error})") from None
+        ids.append(str(path))
+    names = dataset.image_names
+    for index in indices:
+        pixels.append(dataset.load_image(int(index)))
+        ids.append(names[int(index)])
+    tensors, pictures = [], []
+    for picture in pixels:
+        tensor = image_tensor(picture, config.mean, config.std, size)  # type: ignore[arg-type]
+        tensors.append(tensor)
+        shown = picture if picture.shape[:2] == size else np.asarray(
+            Image.fromarray(picture).resize((size[1], size[0]), Image.BILINEAR))
+        pictures.append(np.ascontiguousarray(shown, dtype=np.uint8))
+    return torch.stack(tensors), pictures, ids
+
+
+def _explain_class_names(config: RunConfig, dataset: Any, n_outputs: int) -> list[str] | None:
+    """Names of the model outputs: the run's --class-names file, else the class category's
+    labels when there is one label per output (as the ablation study maps them), else None."""
+    from dissect.ablation.labels import read_class_names
+
+    if config.class_names:
+        return read_class_names(config.class_names)
+    category = config.classes or "scene"
+    if category not in tuple(dataset.vocab.categories):
+        return None
+    numbers = sorted(int(n) for n in dataset.vocab.labels_in(category))
+    if len(numbers) != n_outputs:
+        return None
+    return [dataset.vocab.names[n] for n in numbers]
+
+
+def _class_index(value: str | int, class_names: Sequence[str] | None, n_outputs: int) -> int:
+    """An output index from a number or a class name (OptionError naming the choices)."""
+    text = str(value)
+    if text.isdigit():
+        index = int(text)
+    elif class_names is not None and text in class_names:
+        index = list(class_names).index(text)
+    else:
+        known = f"; class names: {', '.join(class_names[:20])}" if class_names else \
+            " (the run has no class names: give an output index, or --class-names FILE)"
+        raise OptionError(f"class {text!r} is not a model output{known}")
+    if not 0 <= index < n_outputs:
+        raise OptionError(f"class {index} is not a model output (0..{n_outputs - 1})")
+    return index
+
+
+def explain_stage(run_dir: str | os.PathLike[str], layer: str, *,
+                  images: Sequence[str | os.PathLike[str]] = (),
+                  dataset_images: int | None = None, class_: str | int | None = None,
+                  target: str | int | None = None, method: str = "grad_x_act",
+                  group_by: str = "label", iou_threshold: float | None = None,
+                  top_k: int = 5, attributions: Sequence[str] = ("saliency", "gradcam"),
+                  name: str | None = None, batch_size: int | None = None,
+                  device: str | None = None, selection: str = "true",
+                  summary: list[str] | None = None) -> Path:
+    """Explain predictions of a run's model by the dissected concepts of ``layer`` (DESIGN §11).
+
+    Exactly one source: ``images`` (image files, preprocessed as recorded in run.json),
+    ``dataset_images`` (N images of the run's dataset, evenly spaced), or ``class_`` (a class's
+    concept profile over the dataset images labeled as it, or predicted as it with
+    ``selection='predicted'``). Writes ``explain/<name>.json`` with the heatmap PNGs (images)
+    or ``explain/classes/<name>.json`` (a class profile); returns that path.
+    """
+    import numpy as np
+
+    from dissect.data import BrodenDataset
+    from dissect.explain import explain_class, explain_prediction, input_attributions
+    from dissect.explain.files import write_explanations
+    from dissect.record import LayoutOptions, load_model, resolve_device
+
+    sources = [bool(images), dataset_images is not None, class_ is not None]
+    if sum(sources) != 1:
+        raise OptionError("explain: give exactly one of --images FILE ..., --dataset-images N "
+                          "and --class K")
+    if dataset_images is not None and (isinstance(dataset_images, bool)
+                                       or not isinstance(dataset_images, int)
+                                       or dataset_images < 1):
+        raise OptionError(f"--dataset-images: expected a positive number, got "
+                          f"{dataset_images!r}")
+    run = RunDir(run_dir)
+    config = run.config()
+    if layer not in config.layers:
+        raise OptionError(f"--layer {layer!r} is not a layer of the run {run.path} "
+                          f"(recorded: {', '.join(config.layers)})")
+    _, dissection = _tallied(run, config, layer, "explain")
+    dataset = BrodenDataset(config.dataset)
+    dev = resolve_device(device if device is not None else config.device)
+    model = load_model(config.model, config.weights, config.num_classes).eval().to(dev)
+    layout = LayoutOptions(config.layout, config.drop_tokens, config.token_grid,
+                           config.patch_size)
+    n_outputs = _n_outputs(model, dataset, config, dev)
+    class_names = _explain_class_names(config, dataset, n_outputs)
+    common = dict(method=method, group_by=group_by, iou_threshold=iou_threshold,
+                  token_layout=layout, device=dev, class_names=class_names)
+    with stage_timer() as timing:
+        if class_ is not None:
+            index = _class_index(class_, class_names, n_outputs)
+            labels = _explain_labels(config, dataset, class_names, n_outputs) \
+                if selection == "true" else None
+            profile = explain_class(
+                model, layer, _dataset_batches(config, dataset, labels,
+                                               batch_size or config.batch_size),
+                dissection, index, selection=selection, **common)
+            if profile.n_images == 0:
+                raise OptionError(f"explain --class {class_}: no image of the dataset is "
+                                  f"{'labeled' if selection == 'true' else 'predicted'} as "
+                                  f"class {index}")
+            stem = name or f"class_{class_names[index] if class_names else index}"
+            path = _write_profile(run, _safe_name(stem), profile.to_dict())
+            timing.extra["explain"] = {"layer": layer, "class": index,
+                                       "images": profile.n_images}
+            _log(summary, f"explain {layer}: class {profile.target_name or index} over "
+                          f"{profile.n_images} images: "
+                          + _shares(profile.concepts, profile.unlabeled, top_k))
+        else:
+            indices = [] if dataset_images is None else sorted(set(np.linspace(
+                0, len(dataset) - 1, min(dataset_images, len(dataset))).round().astype(int)))
+            tensors, pictures, ids = _explain_inputs(config, dataset, images, indices)
+            chosen = None if target is None else _class_index(target, class_names, n_outputs)
+            explanations = explain_prediction(model, layer, tensors, dissection, chosen,
+                                              top_k=top_k, image_ids=ids,
+                                              batch_size=batch_size or config.batch_size,
+                                              **common)
+            targets = [e.target for e in explanations]
+            maps = input_attributions(model, tensors.to(dev), targets, tuple(attributions),
+                                      layer=layer, token_layout=layout) \
+                if attributions else {}
+            stem = name or ("dataset" if dataset_images is not None else "images")
+            path = write_explanations(explanations, run.explain_dir, _safe_name(stem),
+                                      images_uint8=pictures, attributions=maps, top_k=top_k)
+            timing.extra["explain"] = {"layer": layer, "images": len(explanations)}
+            for e in explanations:
+                _log(summary, f"explain {e.image}: {e.target_name or e.target} "
+                              f"(logit {e.logit:.3f}): "
+                              + _shares(e.concepts, e.unlabeled, top_k))
+    run.record_stage(f"explain:{path.stem}", timing)
+    return path
+
+
+def _shares(concepts: Sequence[Any], unlabeled: Any, top_k: int) -> str:
+    """``tabletop 11%, fabric 9%; unlabeled 70%``: the top positive concept shares."""
+    top = [f"{c.label} {c.share:.0%}" for c in concepts if c.contribution > 0][:top_k]
+    return (", ".join(top) or "no concept with a positive contribution") + \
+        f"; unlabeled {unlabeled.share:.0%}"
+
+
+def _n_outputs(model: Any, dataset: Any, config: RunConfig, device: Any) -> int:
+    """The number of model outputs, from one forward of the first dataset image."""
+    import torch
+
+    from dissect.errors import ModelError
+    from dissect.record.models import first_tensor
+
+    tensors, _, _ = _explain_inputs(config, dataset, (), [0])
+    with torch.no_grad():
+        out = first_tensor(model(tensors.to(device)))
+    if out is None or out.dim() != 2:
+        raise ModelError(f"{config.model}: explanations need (B, C) class scores as the model "
+                         f"output, got {None if out is None else tuple(out.shape)}")
+    return int(out.shape[1])
+
+
+def _explain_labels(config: RunConfig, dataset: Any, class_names: Sequence[str] | None,
+                    n_outputs: int) -> Any:
+    """(N,) model-output class of each dataset image (-1: none), as the ablation reads it."""
+    from dissect.ablation.labels import load_class_labels
+
+    source = config.classes or "scene"
+    if source not in tuple(dataset.vocab.categories) and not Path(source).is_file():
+        raise OptionError(f"explain --class: the dataset has no {source!r} category to find "
+                          f"the class's images; pass --selection predicted (images predicted "
+                          f"as the class) or set the run's --classes")
+    return load_class_labels(source, dataset, class_names=class_names, n_outputs=n_outputs)[1]
+
+
+def _dataset_batches(config: RunConfig, dataset: Any, labels: Any, batch_size: int) -> Any:
+    """(images, labels) batches of every dataset image (labels -1 when none are known)."""
+    import numpy as np
+
+    from dissect.data import make_loader
+
+    known = np.full(len(dataset), -1) if labels is None else np.asarray(labels)
+    loader = make_loader(dataset, mean=config.mean, std=config.std, resize=config.resize,
+                         batch_size=batch_size, num_workers=0)
+    for images, index in loader:
+        yield images, known[np.asarray(index)]
+
+
+def _safe_name(text: str) -> str:
+    """A file stem of letters, digits, '.', '_', '-' (others become '_')."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip(".")[:128] or "explain"
+
+
+def _write_profile(run: RunDir, stem: str, record: dict[str, Any]) -> Path:
+    """``explain/classes/<stem>.json``, written under a temporary name and renamed."""
+    folder = run.explain_dir / "classes"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.json"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1, allow_nan=False, default=float))
+    os.replace(partial, path)
+    return path
+
+
 # --- report ---------------------------------------------------------------------------------
 
 def report_stage(run_dir: str | os.PathLike[str], *, summary: list[str] | None = None

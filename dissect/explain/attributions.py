@@ -27,14 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dissect.config import ATTRIBUTION_METHODS
 from dissect.errors import OptionError
 from dissect.record.models import first_tensor
 from dissect.record.trace import LayoutOptions, resolve_layers
 
 __all__ = ["ATTRIBUTION_METHODS", "input_attributions"]
-
-#: Allowed input-space methods.
-ATTRIBUTION_METHODS = ("saliency", "gradcam", "ig", "occlusion")
 
 
 class _Logits(nn.Module):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dissect.config import EXPLAIN_GROUPS, EXPLAIN_METHODS
 from dissect.errors import LayerError, ModelError, OptionError
 from dissect.record.models import first_tensor, model_name
 from dissect.record.trace import (
@@ -58,9 +59,9 @@ __all__ = [
 ]
 
 #: Allowed values of ``method``.
-METHODS = ("grad_x_act", "gradcam")
+METHODS = EXPLAIN_METHODS
 #: Allowed values of ``group_by``.
-GROUP_BY = ("label", "category")
+GROUP_BY = EXPLAIN_GROUPS
 #: Name of the bucket of units below the IoU cut-off or without a label.
 UNLABELED = "unlabeled"
 
