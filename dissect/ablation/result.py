@@ -104,17 +104,6 @@ class AblationResult:
         """(C,) int64, evaluated images per class."""
         return self.counts.n_true.copy()
 
-    def effect(self, metric: str) -> np.ndarray:
-        """(S, C) float64: ``metric`` of each set minus the baseline's (row 0)."""
-        values = self._metric(metric)
-        return values - values[0:1]
-
-    def _metric(self, metric: str) -> np.ndarray:
-        if metric not in METRIC_NAMES:
-            raise OptionError(f"option metric: unknown metric {metric!r}; allowed: "
-                              f"{', '.join(METRIC_NAMES)}")
-        return self.metrics[metric]
-
     def class_index(self, name: str) -> int:
         """Index of class ``name``; OptionError naming close class names when unknown."""
         return class_index(self.class_names, name)

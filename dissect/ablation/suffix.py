@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import fx, nn
 
 from dissect.ablation.hooks import find_module
@@ -90,11 +89,3 @@ def split_at_layer(model: nn.Module, layer: str) -> fx.GraphModule | None:
     suffix = fx.GraphModule(tracer.root, suffix_graph, class_name="Suffix")
     suffix.train(model.training)
     return suffix
-
-
-def run_suffix(suffix: nn.Module, acts: torch.Tensor) -> torch.Tensor:
-    """Run a suffix module on layer activations (N, U, ...) and return its output tensor."""
-    output = suffix(acts)
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"the model output is {type(output).__name__}, expected a logits tensor")
-    return output

@@ -2,7 +2,7 @@
 
 - :func:`load_model` builds a model from a spec (torchvision name, ``module:callable``, TorchScript
   file) through a registry of model sources (:func:`register_model_source`) and loads weights;
-- :func:`list_layers` / :func:`layer_table` discover layer names, :func:`format_layers` /
+- :func:`list_layers` / :func:`layer_table` discover layer names, :func:`format_layer_table` /
   :func:`describe_layers` write the ``dissect layers`` listing;
 - :func:`resolve_layers` expands names and wildcards, :class:`LayerRecorder` hooks them;
 - :func:`check_input_size` probes the model at the dataset's image size (what it expects, the
@@ -28,7 +28,6 @@ from dissect.record.models import (
     ModelSource,
     describe_layers,
     format_layer_table,
-    format_layers,
     layer_table,
     list_layers,
     load_model,
@@ -77,7 +76,6 @@ __all__ = [
     "describe_layout",
     "expected_input_size",
     "format_layer_table",
-    "format_layers",
     "layer_table",
     "layout_options",
     "list_layers",

@@ -537,24 +537,6 @@ def format_layer_table(rows: Sequence[LayerRow]) -> str:
                      for a, b, c, d in lines)
 
 
-def format_layers(layers: Sequence[LayerRow] | Sequence[tuple[str, tuple[int, ...] | None]]
-                  ) -> str:
-    """The text ``dissect layers`` prints, from :func:`list_layers` pairs or :func:`layer_table` rows.
-
-    ``(name, shape)`` pairs give two columns (layer, output shape; ``-`` and a note for layers the
-    forward pass does not call); :class:`LayerRow` rows also give the module type and call count
-    (:func:`format_layer_table`).
-    """
-    if all(isinstance(row, LayerRow) for row in layers):
-        return format_layer_table(layers)  # type: ignore[arg-type]
-    lines = [("layer", "output shape", "")]
-    for name, shape in layers:  # type: ignore[misc]
-        lines.append((name, "x".join(str(v) for v in shape) if shape is not None else "-",
-                      "" if shape is not None else "not called in forward"))
-    widths = [max(len(line[i]) for line in lines) for i in range(2)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in lines)
-
-
 def describe_layers(spec: str, weights: str | os.PathLike[str] | None = None,
                     input_size: int | str | Sequence[int] = (3, 224, 224),
                     num_classes: int | None = None) -> str:
