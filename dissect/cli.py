@@ -50,13 +50,45 @@ def _attribution_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _ignore_index(text: str) -> int | None:
+    """``--ignore-index``: a mask value 0..65535, or ``none``."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a mask value or none, got {text!r}") from None
+    if not 0 < value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a mask value 1..65535 or none, got {value}")
+    return value
+
+
+def named_paths(values: Sequence[str], option: str, default: str | None) -> dict[str, str]:
+    """``["object=masks/obj", "part=masks/part"]`` -> {category: path}. An item without
+    ``CAT=`` takes the category ``default`` (OptionError when there is none, or twice)."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or "/" in name or "\\" in name:
+            name, path = default or "", value
+            if not name:
+                raise OptionError(f"{option} {value}: name the category, as CAT={value}")
+        if name in out:
+            raise OptionError(f"{option}: category {name!r} is given twice")
+        out[name] = path
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand; run options come from dissect.config."""
     from dissect.config import (
         ATTRIBUTION_METHODS,
         EXPLAIN_GROUPS,
         EXPLAIN_METHODS,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
         add_options,
+        float_triple,
         size_pair,
     )
 
@@ -76,6 +108,55 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also train the toy model (state_dict saved beside the dataset)")
     check = dsub.add_parser("check", help="list every problem of a dataset")
     check.add_argument("path", help="dataset directory")
+    masks = dsub.add_parser("from-masks", help="a Broden-format dataset from images and index-"
+                                               "mask PNGs (one folder per category)")
+    masks.add_argument("--images", required=True, metavar="DIR", help="folder of images")
+    masks.add_argument("--masks", nargs="+", default=[], metavar="[CAT=]DIR",
+                       help="index-mask folder of a category, the images' tree (pixel value k = "
+                            "class k; a folder without CAT= is category 'object')")
+    masks.add_argument("--classes", nargs="+", default=[], metavar="[CAT=]FILE",
+                       help="class list of a category, one name per line (first line: value 1, "
+                            "unless it is 'background'); without CAT= it is the one mask "
+                            "category's")
+    masks.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write")
+    masks.add_argument("--image-labels", metavar="FILE.csv",
+                       help="image-level labels, CSV image,category,label")
+    masks.add_argument("--ignore-index", type=_ignore_index, default=255,
+                       help="mask value that is unlabeled besides 0, or none (default 255)")
+    masks.add_argument("--split-file", metavar="FILE.csv",
+                       help="CSV image,split (default: every image in train)")
+    masks.add_argument("--size", type=size_pair, metavar="S|H,W",
+                       help="resize the images to S or H,W (default: keep; one size for all)")
+    masks.add_argument("--allow-missing-masks", action="store_true",
+                       help="an image without a mask in a category is unlabeled there")
+    _quiet_option(masks)
+    segment = dsub.add_parser("segment", help="a Broden-format dataset from an image folder "
+                                              "labeled by a segmentation model")
+    segment.add_argument("--images", required=True, metavar="DIR", help="folder of images")
+    segment.add_argument("--segmenter", required=True, metavar="MODEL",
+                         help="torchvision segmentation architecture (e.g. "
+                              "deeplabv3_resnet50), package.module:callable, or a TorchScript "
+                              "file; output (B, C, H, W) logits or a dict with 'out'")
+    segment.add_argument("--weights", help="state_dict checkpoint (loaded with weights_only)")
+    segment.add_argument("--classes", required=True, metavar="FILE",
+                         help="one class name per output channel (a first 'background' line "
+                              "is unlabeled)")
+    segment.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write "
+                                                                     "(resumed when partial)")
+    segment.add_argument("--category", default="object",
+                         help="category of the labels (default object)")
+    segment.add_argument("--min-confidence", type=float, default=0.5,
+                         help="pixels whose softmax probability is below it are unlabeled "
+                              "(default 0.5)")
+    segment.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    segment.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    segment.add_argument("--size", type=size_pair, metavar="S|H,W",
+                         help="resize the images to S or H,W (default: keep)")
+    segment.add_argument("--mean", type=float_triple, default=IMAGENET_MEAN,
+                         help="the segmenter's normalisation mean r,g,b (default ImageNet's)")
+    segment.add_argument("--std", type=float_triple, default=IMAGENET_STD,
+                         help="the segmenter's normalisation std r,g,b (default ImageNet's)")
+    _quiet_option(segment)
 
     layers = sub.add_parser("layers", help="list a model's layers with output shapes")
     layers.add_argument("model", help="torchvision architecture name, package.module:callable, "
@@ -215,6 +296,10 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         if args.train_model:
             print(f"toy model: {train_toy_model(path, seed=args.seed)}")
         return 0
+    if args.dataset_command == "from-masks":
+        return _from_masks(args)
+    if args.dataset_command == "segment":
+        return _segment(args)
     from dissect.data import check_dataset
 
     problems = check_dataset(args.path)
@@ -225,6 +310,33 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         print(f"{len(problems)} problem(s) in {args.path}", file=sys.stderr)
         return EXIT_USAGE
     print(f"{args.path}: no problems")
+    return 0
+
+
+def _from_masks(args: argparse.Namespace) -> int:
+    from dissect.data.from_masks import dataset_from_masks
+
+    masks = named_paths(args.masks, "--masks", "object")
+    only = next(iter(masks)) if len(masks) == 1 else None
+    classes = named_paths(args.classes, "--classes", only)
+    path = dataset_from_masks(args.images, masks, classes, args.out,
+                              image_labels=args.image_labels, ignore_index=args.ignore_index,
+                              split_file=args.split_file, size=args.size,
+                              progress=_progress(args),
+                              allow_missing_masks=args.allow_missing_masks)
+    print(f"dataset: {path} (check it with `dissect dataset check {path}`)")
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from dissect.segment import segment_images
+
+    path = segment_images(args.images, args.segmenter, args.classes, args.out,
+                          weights=args.weights, category=args.category,
+                          min_confidence=args.min_confidence, batch_size=args.batch_size,
+                          device=args.device, progress=_progress(args), size=args.size,
+                          mean=args.mean, std=args.std)
+    print(f"dataset: {path} (check it with `dissect dataset check {path}`)")
     return 0
 
 

@@ -371,6 +371,52 @@ def test_from_masks_options_are_checked(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- segment
+def _same_files(a: Path, b: Path, skip: tuple[str, ...] = ()) -> None:
+    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    for name in set(names) - set(skip):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_from_masks_command_writes_what_the_api_writes(mask_source, tmp_path: Path,
+                                                       capsys) -> None:
+    from dissect.cli import main
+
+    root = mask_source["root"]
+    args = ["dataset", "from-masks", "--images", str(root / "images"),
+            "--masks", f"object={root / 'masks' / 'object'}", f"part={root / 'masks' / 'part'}",
+            "--classes", f"object={root / 'object.txt'}", f"part={root / 'part.txt'}",
+            "--image-labels", str(root / "labels.csv"), "--split-file",
+            str(root / "splits.csv"), "--allow-missing-masks", "--out", str(tmp_path / "cli")]
+    assert main(args) == 0
+    assert str(tmp_path / "cli") in capsys.readouterr().out
+    _same_files(tmp_path / "cli", convert(mask_source, tmp_path / "api"))
+    # One unnamed mask folder is category 'object'; its unnamed class list goes with it.
+    assert main(["dataset", "from-masks", "--images", str(root / "images"), "--masks",
+                 str(root / "masks" / "object"), "--classes", str(root / "object.txt"),
+                 "--ignore-index", "255", "--out", str(tmp_path / "one")]) == 0
+    assert BrodenDataset(tmp_path / "one").categories == ("object",)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--masks", "a=x", "a=y"], "category 'a' is given twice"),
+    (["--masks", "object=M", "part=M", "--classes", "C"], "name the category"),
+    (["--masks", "object=M"], "class list"),
+])
+def test_from_masks_command_bad_options_exit_2(mask_source, tmp_path: Path, capsys, extra,
+                                              message) -> None:
+    from dissect.cli import main
+
+    root = mask_source["root"]
+    extra = [v.replace("M", str(root / "masks" / "object")).replace("C", str(root / "object.txt"))
+             if v.endswith(("M", "C")) else v for v in extra]
+    assert main(["dataset", "from-masks", "--images", str(root / "images"), *extra, "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dissect: error:") and message in err
+    assert not (tmp_path / "out").exists()
+
+
 class ColourSegmenter(nn.Module):
     """A fixed 1x1 convolution: on inputs x in {0, 1} (mean 0, std 1), channel 1 = 8 r - 4,
     channel 2 = 8 g - 4, channel 0 = 0. Red pixels -> channel 1 (p = 0.98), green -> 2, black ->
@@ -438,6 +484,29 @@ def test_segment_takes_a_torchscript_file(tmp_path: Path) -> None:
                        **SEGMENT_OPTIONS)
     for name in ("g0/im0_object.png", "g1/im1_object.png"):
         assert (a / "images" / name).read_bytes() == (b / "images" / name).read_bytes()
+
+
+def test_segment_command_writes_what_the_api_writes(tmp_path: Path, capsys) -> None:
+    from dissect.cli import main
+
+    colour_images(tmp_path / "in", n=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)          # torch.jit is deprecated
+        torch.jit.save(torch.jit.script(ColourSegmenter()), tmp_path / "seg.pt")
+    (tmp_path / "classes.txt").write_text("background\nred\ngreen\n")
+    assert main(["dataset", "segment", "--images", str(tmp_path / "in"), "--segmenter",
+                 str(tmp_path / "seg.pt"), "--classes", str(tmp_path / "classes.txt"),
+                 "--out", str(tmp_path / "cli"), "--mean", "0,0,0", "--std", "1,1,1",
+                 "--device", "cpu", "--batch-size", "2", "--min-confidence", "0.5"]) == 0
+    assert str(tmp_path / "cli") in capsys.readouterr().out
+    api = segment_images(tmp_path / "in", ColourSegmenter(), ["background", "red", "green"],
+                         tmp_path / "api", batch_size=2, **SEGMENT_OPTIONS)
+    _same_files(tmp_path / "cli", api, skip=("segment.json",))  # it names the segmenter
+    assert str(tmp_path / "seg.pt") in (tmp_path / "cli" / "segment.json").read_text()
+    assert main(["dataset", "segment", "--images", str(tmp_path / "in"), "--segmenter",
+                 str(tmp_path / "seg.pt"), "--classes", str(tmp_path / "missing.txt"),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
 
 
 def test_label_maps_confidence_threshold_and_upsampling() -> None:
