@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--batch-size", type=int, help="images per pass (default: the run's)")
     explain.add_argument("--device", help="torch device (default: the run's)")
 
+    compare = sub.add_parser("compare", help="a page comparing runs on one dataset (models, "
+                                             "checkpoints, layers) side by side")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
+    compare.add_argument("--out", required=True, metavar="DIR",
+                         help="folder to write the page into (index.html, compare.json)")
+
     report = sub.add_parser("report", help="render the HTML report of a run")
     report.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory")
     _run_option(report, required=False)
@@ -449,6 +455,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dissect.report import compare_runs
+
+    print(f"comparison: {compare_runs(args.runs, args.out)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dissect.run import report_stage
 
@@ -482,7 +495,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"dataset": cmd_dataset, "layers": cmd_layers, "record": cmd_record,
             "tally": cmd_tally, "compose": cmd_compose, "significance": cmd_significance,
-            "ablate": cmd_ablate, "explain": cmd_explain, "report": cmd_report, "run": cmd_run,
+            "ablate": cmd_ablate, "explain": cmd_explain, "compare": cmd_compare,
+            "report": cmd_report, "run": cmd_run,
             "demo": cmd_demo}
 
 

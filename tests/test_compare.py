@@ -127,3 +127,15 @@ def test_same_directory_names_get_distinct_run_names(toy_dataset: Path, tmp_path
     data = json.loads((compare.compare_runs([a, b], tmp_path / "o").parent /
                        "compare.json").read_text())
     assert [r["name"] for r in data["runs"]] == ["run", "run#2"]
+
+
+def test_compare_command_writes_the_page_and_refuses_one_run(two_runs: tuple[Path, Path],
+                                                             tmp_path: Path, capsys) -> None:
+    from dissect.cli import main
+
+    assert main(["compare", *map(str, two_runs), "--out", str(tmp_path / "page")]) == 0
+    assert str(tmp_path / "page" / "index.html") in capsys.readouterr().out
+    data = json.loads((tmp_path / "page" / "compare.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["trained", "random"]
+    assert main(["compare", str(two_runs[0]), "--out", str(tmp_path / "one")]) == 2
+    assert "at least two" in capsys.readouterr().err
