@@ -144,7 +144,7 @@ def test_bad_units_layers_and_rules_are_named() -> None:
     with pytest.raises(OptionError, match="unit index -1"):
         with ablate_units(model, "units", [-1]):
             pass
-    with pytest.raises(LayerError, match="'unit'.*close names: units"):
+    with pytest.raises(LayerError, match="'unit'.*close matches: units"):
         with ablate_units(model, "unit", [0]):
             pass
     with pytest.raises(OptionError, match="'median'.*zero, mean"):

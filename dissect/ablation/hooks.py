@@ -20,7 +20,6 @@ after an exception.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from dissect.errors import LayerError, OptionError
+from dissect.record.trace import find_module
 
 RuleFunction = Callable[[int, "np.ndarray | None"], np.ndarray]
 """A rule maps (number of units U, optional per-unit means (U,)) to fill values (U,) float32."""
@@ -89,17 +89,6 @@ def check_rule(rule: str) -> None:
     if rule not in _RULES:
         raise OptionError(f"option rule: unknown ablation rule {rule!r}; allowed: "
                           f"{', '.join(_RULES)}")
-
-
-def find_module(model: nn.Module, layer: str) -> nn.Module:
-    """The submodule named ``layer`` (a dotted ``named_modules()`` name); LayerError otherwise."""
-    modules = dict(model.named_modules())
-    if layer in modules and layer != "":
-        return modules[layer]
-    close = difflib.get_close_matches(layer, [name for name in modules if name], n=5)
-    hint = f"; close names: {', '.join(close)}" if close else ""
-    raise LayerError(f"layer {layer!r} is not a module of the model{hint}. "
-                     "List the layers with `dissect layers MODEL`.")
 
 
 def check_units(units: Sequence[int] | np.ndarray, n_units: int | None = None) -> np.ndarray:

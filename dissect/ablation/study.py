@@ -23,7 +23,6 @@ from dissect.ablation.hooks import (
     check_unit_shape,
     check_units,
     fill_values,
-    find_module,
     forward_hook,
 )
 from dissect.ablation.metrics import ClassCounts
@@ -31,6 +30,7 @@ from dissect.ablation.result import BASELINE, AblationResult, class_index, rank_
 from dissect.ablation.sources import RowSource
 from dissect.ablation.suffix import split_at_layer
 from dissect.errors import OptionError
+from dissect.record.trace import find_module
 
 USE_SUFFIX: tuple[object, ...] = ("auto", True, False)
 """Allowed values of ``use_suffix``: 'auto' (suffix path when possible), True (required), False."""

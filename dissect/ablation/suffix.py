@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import fx, nn
 
-from dissect.ablation.hooks import find_module
+from dissect.record.trace import find_module
 
 
 class _LayerLeafTracer(fx.Tracer):

@@ -40,6 +40,7 @@ from dissect.errors import LayerError, ModelError, OptionError
 from dissect.record.models import first_tensor, model_name
 from dissect.record.trace import (
     LayoutOptions,
+    find_module,
     infer_patch_size,
     resolve_layers,
     to_unit_maps,
@@ -367,14 +368,13 @@ class _LayerGrab:
     """
 
     def __init__(self, model: nn.Module, layer: str) -> None:
-        modules = dict(model.named_modules())
         self.layer = layer
         self.output: torch.Tensor | None = None
         self.calls = 0
         self.last_linear: tuple[nn.Linear, torch.Tensor, torch.Tensor] | None = None
         self.handles: list[Any] = []
         try:
-            self.handles.append(modules[layer].register_forward_hook(self._layer_hook))
+            self.handles.append(find_module(model, layer).register_forward_hook(self._layer_hook))
             for module in model.modules():
                 if isinstance(module, nn.Linear):
                     self.handles.append(module.register_forward_hook(self._linear_hook))

@@ -86,6 +86,18 @@ def _unknown_layer(name: str, names: Sequence[str], model: nn.Module) -> LayerEr
                       f"List every layer with `dissect layers MODEL`")
 
 
+def find_module(model: nn.Module, layer: str) -> nn.Module:
+    """The submodule named ``layer``, an exact dotted ``named_modules()`` name (no wildcards).
+
+    The one lookup of a layer by name: LayerError naming the layer and close matches (as
+    :func:`resolve_layers`) when the model has no such submodule (the root ``''`` is none).
+    """
+    modules = dict(model.named_modules())
+    if layer and layer in modules:
+        return modules[layer]
+    raise _unknown_layer(layer, [name for name in modules if name], model)
+
+
 def resolve_layers(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
     """Expand layer names and wildcard patterns to ``named_modules()`` names (no duplicates).
 
@@ -331,10 +343,10 @@ class StopForward(BaseException):
 
 
 def check_hookable(model: nn.Module, layers: Sequence[str]) -> None:
-    """LayerError when a layer of ``layers`` is inside a TorchScript model (cannot be hooked)."""
-    modules = dict(model.named_modules())
+    """LayerError when a layer of ``layers`` is unknown (:func:`find_module`) or inside a
+    TorchScript model (cannot be hooked)."""
     for name in layers:
-        if isinstance(modules.get(name), torch.jit.ScriptModule):
+        if isinstance(find_module(model, name), torch.jit.ScriptModule):
             raise LayerError(
                 f"layer {name!r} is part of a TorchScript model, whose inner layers cannot "
                 f"be hooked; record from the Python model instead (a torchvision name or "
@@ -424,11 +436,11 @@ class LayerRecorder:
         self.calls.clear()
 
     def __enter__(self) -> "LayerRecorder":
-        modules = dict(self.model.named_modules())
         check_hookable(self.model, self.layers)
         try:
             for name in self.layers:
-                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+                module = find_module(self.model, name)
+                self._handles.append(module.register_forward_hook(self._hook(name)))
             self._handles.append(self.model.register_forward_pre_hook(self._input_hook))
         except BaseException:
             self.remove()
