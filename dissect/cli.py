@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -398,8 +399,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     for layer, studies in results.items():
         for study, result in studies.items():
             print(f"{layer}: {study} study written to {result.csv_path}")
-            if result.info.get("warning"):
-                print(f"{layer}: warning: {result.info['warning']}", file=sys.stderr)
     return 0
 
 
@@ -512,12 +511,25 @@ def user_message(error: DissectError) -> str:
     return last[len(prefix):] if last.startswith(prefix) else last
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """dissect's own warnings as one ``dissect: warning:`` line (no source location: they are
+    about the user's data and model, not about a line of our code); others as Python shows
+    them."""
+    if category.__module__.split(".")[0] == "dissect":
+        print(f"dissect: warning: {message}", file=file or sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dissect` and `python -m dissect`; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except DissectError as error:
         print(f"dissect: error: {user_message(error)}", file=sys.stderr)
         return EXIT_USAGE

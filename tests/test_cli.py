@@ -111,3 +111,16 @@ def test_an_error_in_a_decoding_worker_is_shown_without_the_workers_traceback():
     assert user_message(error.value) == ("images/x.png (index.csv, line 3) cannot be read: "
                                          "broken")
     assert user_message(OptionError("--quantile: 2")) == "--quantile: 2"
+
+
+def test_dissect_warnings_are_one_line_without_a_source_location(toy_dataset, tmp_path,
+                                                                 capsys):
+    from dissect.cli import main
+
+    assert main(["record", "--model", "dissect.toy:toy_model", "--layers", "conv4",
+                 "--dataset", str(toy_dataset), "--out", str(tmp_path / "run"),
+                 "--resize", "16", "--batch-size", "24"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    warned = [line for line in err if "2x2 unit maps" in line]
+    assert len(warned) == 1 and warned[0].startswith("dissect: warning: layer 'conv4'")
+    assert "SmallMapsWarning" not in "\n".join(err) and ".py:" not in "\n".join(err)
