@@ -37,6 +37,7 @@ import dask
 import numpy as np
 import torch
 
+from dissect.config import NEGATIONS, SEARCHES
 from dissect.errors import CacheError, DatasetError, OptionError
 from dissect.parallel import (
     SchedulerSetup,
@@ -49,6 +50,7 @@ from dissect.parallel import (
     torch_threads_kept,
     tree_reduce,
 )
+from dissect.rundir import COMPOSITIONAL_CSV, COMPOSITIONAL_JSON
 from dissect.stats import threshold_below, upsample_maps
 from dissect.stats.formula import (
     OP_CODES,
@@ -75,13 +77,13 @@ __all__ = [
     "load_composition",
 ]
 
-COMPOSITION_CSV = "compositional.csv"
-COMPOSITION_JSON = "compositional.json"
+#: The file names of ``<run>/<layer>/`` that :meth:`CompositionResult.save` writes (defined in
+#: :mod:`dissect.rundir`).
+COMPOSITION_CSV = COMPOSITIONAL_CSV
+COMPOSITION_JSON = COMPOSITIONAL_JSON
 CSV_COLUMNS = ("unit", "formula", "formula_ids", "leaves", "iou", "label", "label_iou",
                "categories", "optimal")
 SCHEMA_VERSION = 1
-SEARCHES = ("beam", "exact")
-NEGATIONS = ("global", "annotated")
 #: Largest (formula + pair) x column count of one pass's dense result (int64 values).
 _PASS_VALUES = 8 * 1024 * 1024
 

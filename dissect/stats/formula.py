@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from dissect.config import FORMULA_OPS
+
 __all__ = [
     "OPS",
     "OP_CODES",
@@ -45,8 +47,9 @@ __all__ = [
     "subtree_bound",
 ]
 
-#: Operators, in the order of their integer codes (0, 1, 2).
-OPS: tuple[str, ...] = ("or", "and", "and_not")
+#: Operators, in the order of their integer codes (0, 1, 2): the registry
+#: :data:`dissect.config.FORMULA_OPS` under this module's name for it.
+OPS: tuple[str, ...] = FORMULA_OPS
 OP_CODES: dict[str, int] = {op: code for code, op in enumerate(OPS)}
 _TEXT = {"or": "OR", "and": "AND", "and_not": "AND NOT"}
 
