@@ -28,6 +28,6 @@ setup(
         "tqdm>=4.64",
         "captum>=0.7",
     ],
-    extras_require={"test": ["pytest>=7.0"]},
+    extras_require={"test": ["pytest>=7.0", "ruff>=0.4"]},
     entry_points={"console_scripts": ["dissect=dissect.cli:main"]},
 )
