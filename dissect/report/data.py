@@ -13,7 +13,6 @@ numbers them from 1, which each unit carries as ``tally_unit``).
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -303,18 +302,11 @@ def read_ablation_csv(path: Path) -> list[dict[str, str]]:
     Raises
     ------
     CacheError
-        When a column of :data:`ABLATION_COLUMNS` is missing.
+        When a column of :data:`ABLATION_COLUMNS` is missing or the file cannot be read.
     """
-    path = Path(path)
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ABLATION_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise CacheError(
-                f"{path}: missing column(s) {', '.join(missing)}; expected header "
-                f"{','.join(ABLATION_COLUMNS)}"
-            )
-        return [dict(row) for row in reader]
+    from dissect.report.studies import read_csv_rows
+
+    return read_csv_rows(path, ABLATION_COLUMNS)
 
 
 def _metric(row: dict[str, str], metric: str, path: Path, line: int) -> float:
@@ -634,15 +626,12 @@ def layer_results(run_dir: Path, layer: str, n_units: int, metric: str) -> dict[
         if "single" in view["studies"]:
             out["effects"] = ablation_effects(rows, n_units, metric, path=path)
             out["damage"] = studies.unit_damage(records, n_units)
-    path = run.importance(layer)
-    if path.exists():
-        out["importance"] = studies.read_importance(path, n_units)
-    path = run.compositional_csv(layer)
-    if path.exists():
-        out["formulas"] = studies.read_compositional(path, n_units)
-    path = run.significance_csv(layer)
-    if path.exists():
-        out["significance"] = studies.read_significance(path, n_units)
+    for key, path, read in (("importance", run.importance(layer), studies.read_importance),
+                            ("formulas", run.compositional_csv(layer), studies.read_compositional),
+                            ("significance", run.significance_csv(layer),
+                             studies.read_significance)):
+        if path.exists():
+            out[key] = read(path, n_units)
     path = run.significance_h5(layer)
     if path.exists():
         arrays = studies.read_null_histograms(path, n_units)
@@ -741,8 +730,8 @@ def build_report_data(
         out_layers.append(data)
     if not out_layers:
         raise CacheError(
-            f"{run_dir}: no layer has been dissected; expected <layer>/{DISSECTION_FILE} for one of "
-            f"the layers {', '.join(layers) or '(none in run.json)'}; run "
+            f"{run_dir}: no layer has been dissected; expected <layer>/{DISSECTION_FILE} for one "
+            f"of the layers {', '.join(layers) or '(none in run.json)'}; run "
             f"`dissect tally --run {run_dir}`"
         )
     pages = [d["page"] for d in out_layers]

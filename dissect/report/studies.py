@@ -542,8 +542,8 @@ def pooled_null_histogram(observed_counts: np.ndarray, null_counts: np.ndarray,
             "n_observed": n_obs, "n_null": n_null}
 
 
-def read_null_histograms(path: Path, n_units: int, block: int = 256,
-                         bins: int = NULL_BINS) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+def read_null_histograms(path: Path, n_units: int, block: int = 256, bins: int = NULL_BINS
+                         ) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
     """:func:`null_histograms` and the layer's :func:`pooled_null_histogram` from
     ``significance.h5`` (datasets ``observed`` (U,) and ``null`` (B, U)), read ``block`` units at a
     time; None when the file lacks either dataset.
