@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_option(report, required=False)
 
     run = sub.add_parser("run", help="record, tally, optional ablate, and report in one go")
-    add_options(run, ("model", "record", "tally", "ablate", "run"), skip=("out",))
+    add_options(run, ("model", "record", "tally", "compose", "significance", "ablate", "run"),
+                skip=("out",))
     _run_option(run, required=False)
     run.add_argument("--config", help="JSON file of run options (the command line wins)")
     run.add_argument("--force", action="store_true",

@@ -17,7 +17,11 @@ def run_demo(out: str | os.PathLike[str] = "reports/demo",
     """
     from dissect.toy import DEMO_ABLATION_LAYER, DEMO_LAYERS, ensure_toy
 
-    dataset, weights = ensure_toy(Path(datasets_dir) / "toybroden", n_images=n_images,
+    target = Path(datasets_dir) / "toybroden"
+    if progress and not (target / "toy_model.pt").is_file():
+        print(f"making the toy dataset ({n_images} images) and training the toy model in "
+              f"{target}: once, about 30 s on 2 cores", flush=True)
+    dataset, weights = ensure_toy(target, n_images=n_images,
                                   size=size, seed=0, train=True)
     if progress:
         print(f"toy dataset: {dataset}\ntoy model:   {weights}", flush=True)
