@@ -26,8 +26,9 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class ModelSource:
     name: str
     description: str
     matches: Callable[[str], bool]
-    build: Callable[[str, "int | None"], nn.Module]
+    build: Callable[[str, int | None], nn.Module]
 
 
 _SOURCES: dict[str, ModelSource] = {}
@@ -368,7 +369,8 @@ def num_classes_hint(state: Mapping[str, torch.Tensor], model_state: Mapping[str
 
     That is the case when every shape mismatch is in the first dimension, all to the same file
     size N, and exactly one of them is a weight of 2 or more axes, a Linear layer's or the
-    model's last one: the classifier head with its bias, e.g. ``fc.weight`` of a Places365 ResNet (365 rows in the file, 1000 in the model).
+    model's last one: the classifier head with its bias, e.g. ``fc.weight`` of a Places365
+    ResNet (365 rows in the file, 1000 in the model).
     """
     mismatched = {k: (tuple(v.shape), tuple(model_state[k].shape)) for k, v in state.items()
                   if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)}

@@ -18,9 +18,10 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -435,7 +436,7 @@ class LayerRecorder:
         self.outputs.clear()
         self.calls.clear()
 
-    def __enter__(self) -> "LayerRecorder":
+    def __enter__(self) -> LayerRecorder:
         check_hookable(self.model, self.layers)
         try:
             for name in self.layers:

@@ -241,9 +241,9 @@ def one_step_bounds(area: np.ndarray, inter: np.ndarray, mask_area: int, label_a
     a = np.asarray(area, np.float64)[:, None]
     i = np.asarray(inter, np.float64)[:, None]
     m = float(mask_area)
-    l = np.asarray(label_area, np.float64)[None, :]
+    lc = np.asarray(label_area, np.float64)[None, :]
     j = np.asarray(joint, np.float64)[None, :]
-    fp, fp_c = a - i, l - j
+    fp, fp_c = a - i, lc - j
     with np.errstate(divide="ignore", invalid="ignore"):
         bound_or = np.minimum(i + j, m) / (m + np.maximum(fp, fp_c))
         bound_and = np.minimum(i, j) / (m + np.maximum(0.0, fp_c - (n_pixels - m - fp)))
