@@ -49,14 +49,19 @@ _RECORD_HINT = "run `dissect record` (or dissect.record.record_activations) to c
 
 
 def cache_path(run_dir: str | os.PathLike[str], layer: str) -> Path:
-    """``run_dir/cache/<layer>.h5`` (``/`` and ``\\`` in a layer name become ``_``)."""
-    safe = layer.replace("/", "_").replace("\\", "_")
-    return Path(run_dir) / "cache" / f"{safe}.h5"
+    """``run_dir/cache/<layer>.h5`` (``/`` and ``\\`` in a layer name become ``_``;
+    :meth:`dissect.rundir.RunDir.cache`, the one definition of the layout)."""
+    from dissect.rundir import RunDir
+
+    return RunDir(run_dir).cache(layer)
 
 
 def outputs_path(run_dir: str | os.PathLike[str]) -> Path:
-    """``run_dir/cache/outputs.h5``, the model outputs (logits) of the dataset."""
-    return Path(run_dir) / "cache" / f"{OUTPUTS_NAME}.h5"
+    """``run_dir/cache/outputs.h5``, the model outputs (logits) of the dataset
+    (:meth:`dissect.rundir.RunDir.outputs`)."""
+    from dissect.rundir import RunDir
+
+    return RunDir(run_dir).outputs
 
 
 def partial_path(path: str | os.PathLike[str]) -> Path:
