@@ -10,6 +10,7 @@ This module imports neither torch, Dask nor h5py.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -78,6 +79,29 @@ class RunDir:
         """``cache/<layer>.h5`` (``/`` and ``\\`` in a layer name become ``_``)."""
         safe = layer.replace("/", "_").replace("\\", "_")
         return self.cache_dir / f"{safe}.h5"
+
+    @staticmethod
+    def eval_name(dataset: str | os.PathLike[str]) -> str:
+        """The name of an ablation evaluation set in the run: its folder name (characters other
+        than letters, digits, ``.``, ``_`` and ``-`` become ``_``) plus ``-`` and the first 8 hex
+        digits of the sha256 of its absolute path, e.g. ``val-1a2b3c4d``: two sets of the same
+        folder name in different places get different caches."""
+        absolute = os.path.abspath(os.fspath(dataset))
+        folder = os.path.basename(absolute.rstrip(os.sep)) or "root"
+        safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
+                       for c in folder).lstrip(".") or "set"
+        return f"{safe[:64]}-{hashlib.sha256(absolute.encode()).hexdigest()[:8]}"
+
+    def eval_dir(self, name: str) -> Path:
+        """``cache/eval-<name>/``: where the activations of the ablation evaluation set ``name``
+        (:meth:`eval_name`) are recorded; the recorder is given it as its run directory."""
+        return self.cache_dir / f"eval-{name}"
+
+    def eval_cache(self, layer: str, name: str) -> Path:
+        """``cache/eval-<name>/cache/<layer>.h5``: the layer's activations on the evaluation set
+        ``name`` (the recorder's cache path under :meth:`eval_dir`), with its own fingerprint."""
+        safe = layer.replace("/", "_").replace("\\", "_")
+        return self.eval_dir(name) / "cache" / f"{safe}.h5"
 
     @property
     def outputs(self) -> Path:

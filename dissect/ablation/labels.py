@@ -12,12 +12,18 @@ Three sources, :func:`load_class_labels`:
   model output index, or a name of ``class_names`` when given. Images not listed are unlabeled.
 - ``predicted``: the unablated model's own argmax, so a user without labels still measures effects
   relative to the model's decisions; class names are ``class_names`` or the output indices.
+
+An ImageFolder evaluation set (:class:`~dissect.data.imagefolder.ImageFolderDataset`) has a fourth
+source, ``folders`` (its default, :func:`folder_labels`): an image's class is its class folder,
+class k being the k-th sorted folder name, or the k-th of ``class_names`` when given (then folders
+are matched to outputs by name).
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,8 @@ from torch import nn
 from dissect.errors import DatasetError, OptionError
 
 PREDICTED = "predicted"
+#: Class source of an ImageFolder evaluation set: each image's class folder.
+FOLDERS = "folders"
 
 
 def _category_labels(source: str, dataset: Any, class_names: Sequence[str] | None,
@@ -152,8 +160,9 @@ def load_class_labels(source: str | Path, dataset: Any, *,
     ----------
     source : str or Path
         An image-level category of the dataset (e.g. ``'scene'``), the path of a CSV
-        ``image,class``, or ``'predicted'``.
-    dataset : BrodenDataset (opened with no split selection: image i = cache row i)
+        ``image,class``, ``'predicted'``, or for an ImageFolder set ``'folders'``.
+    dataset : BrodenDataset (opened with no split selection: image i = cache row i) or
+        ImageFolderDataset
     class_names : optional sequence of str
         One name per model output, in output order (maps outputs to classes; see module docstring).
     n_outputs : optional int
@@ -193,16 +202,72 @@ def load_class_labels(source: str | Path, dataset: Any, *,
             [str(k) for k in range(count)]
         y = np.where(y < len(names), y, -1)
         return names, y
-    if text in tuple(dataset.vocab.categories):
+    categories = tuple(getattr(getattr(dataset, "vocab", None), "categories", ()))
+    if text == FOLDERS:
+        if not hasattr(dataset, "class_names") or not hasattr(dataset, "labels"):
+            raise OptionError(f"option classes: 'folders' is the class source of an ImageFolder "
+                              f"evaluation set, and {getattr(dataset, 'root', dataset)} is none; "
+                              f"use an image-level category ({', '.join(categories)}), a CSV "
+                              "'image,class' or 'predicted'")
+        if class_names is not None and list(class_names) != list(dataset.class_names):
+            raise OptionError("option class_names: an ImageFolder set maps its folders to "
+                              "outputs when it is opened; open it with these class names "
+                              "(ImageFolderDataset(root, class_names=...))")
+        return folder_labels(dataset, n_outputs, class_names=class_names)
+    if text in categories:
         return _category_labels(text, dataset, class_names, n_outputs)
     path = Path(text)
     if path.suffix.lower() == ".csv" or path.is_file():
         if not path.is_file():
             raise DatasetError(f"{path}: class CSV file not found")
         return _csv_labels(path, dataset, class_names, n_outputs)
+    if not categories and hasattr(dataset, "class_names"):
+        raise OptionError(f"option classes: {text!r} is no class source of the ImageFolder set "
+                          f"{getattr(dataset, 'root', dataset)}: its classes are its folders "
+                          f"('{FOLDERS}', the default), or give 'predicted' or a CSV "
+                          "'image,class' (image paths relative to the set)")
     raise OptionError(f"option classes: {text!r} is neither a category of the dataset "
-                      f"({', '.join(dataset.vocab.categories)}), a CSV file 'image,class', nor "
+                      f"({', '.join(categories)}), a CSV file 'image,class', nor "
                       "'predicted'")
+
+
+def folder_labels(dataset: Any, n_outputs: int | None = None, *,
+                  class_names: str | os.PathLike[str] | Sequence[str] | None = None
+                  ) -> tuple[list[str], np.ndarray]:
+    """Classes of an ImageFolder evaluation set from its folders (source ``folders``).
+
+    Parameters
+    ----------
+    dataset : ImageFolderDataset (``class_names``: the sorted folders, or the names it was
+        opened with; ``labels`` (N,): class of each image)
+    n_outputs : the number of model outputs; class k is output k, so there must be as many
+        classes as outputs
+    class_names : the class names (file or sequence) the dataset was opened with, if any (a
+        file is named in errors)
+
+    Returns
+    -------
+    (class_names list of C str, y (N,) int64 copy of ``dataset.labels``).
+
+    Raises
+    ------
+    OptionError naming the class-names file (or the dataset folder) when the number of class
+    names (or of class folders) differs from the number of model outputs.
+    """
+    names = [str(name) for name in dataset.class_names]
+    if n_outputs is not None and len(names) != n_outputs:
+        if class_names is not None:
+            where = class_names if isinstance(class_names, (str, os.PathLike)) else \
+                "the class names given"
+            raise OptionError(f"option class_names: {where} lists {len(names)} class "
+                              f"names but the model has {n_outputs} outputs; give one name per "
+                              "model output, in output order")
+        raise OptionError(f"option eval_dataset: {dataset.root} has {len(names)} class folders "
+                          f"but the model has {n_outputs} outputs; without --class-names the "
+                          "k-th folder (sorted by name) is taken as output k, so give "
+                          "--class-names FILE (one name per model output, in output order) to "
+                          "match folders to outputs by name")
+    return names, np.asarray(dataset.labels, dtype=np.int64).copy()
 
 
 def read_class_names(source: str | Path | Sequence[str]) -> list[str]:
