@@ -357,8 +357,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_record(args: argparse.Namespace) -> int:
     from dissect.config import config_from_options, given_options, options_of
-    from dissect.rundir import RunDir
     from dissect.run import record_stage
+    from dissect.rundir import RunDir
 
     run = RunDir(args.out)
     base = None

@@ -36,8 +36,9 @@ import csv
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,6 @@ from dissect.data.from_masks import (
     seg_size_for,
     stored_image_name,
     strip_extension,
-    write_csv,
     write_image,
     write_vocabulary,
 )

@@ -1,5 +1,12 @@
 """Broden-format datasets: reading, checking and streaming images (DESIGN.md §2)."""
 
+from dissect.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NETDISSECT_MEAN,
+    NETDISSECT_STD,
+    check_normalisation,
+)
 from dissect.data.broden import (
     BrodenDataset,
     Problem,
@@ -9,13 +16,6 @@ from dissect.data.broden import (
 )
 from dissect.data.check import check_dataset
 from dissect.data.vocab import Concept, Vocabulary
-from dissect.config import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    NETDISSECT_MEAN,
-    NETDISSECT_STD,
-    check_normalisation,
-)
 
 #: Names of :mod:`dissect.data.loader`, imported on first use: the loader needs torch, and
 #: reading or checking a dataset must not pay for it.

@@ -13,9 +13,9 @@ import hashlib
 import os
 import re
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -120,7 +120,8 @@ def _read_csv(
             rows = []
             for row in reader:
                 if None in row:
-                    problems.append(Problem(name, reader.line_num, "more cells than header columns"))
+                    problems.append(Problem(name, reader.line_num,
+                                            "more cells than header columns"))
                     continue
                 if None in row.values():
                     problems.append(Problem(name, reader.line_num,
@@ -542,7 +543,7 @@ class BrodenDataset:
             self._allowed[0] = True
 
     @classmethod
-    def from_parsed(cls, parsed: ParsedDataset) -> "BrodenDataset":
+    def from_parsed(cls, parsed: ParsedDataset) -> BrodenDataset:
         """A dataset over the rows that parsed cleanly, without raising (for the checker)."""
         dataset = cls.__new__(cls)
         dataset._adopt(parsed, None)
@@ -566,7 +567,8 @@ class BrodenDataset:
         return (reopen_dataset, (*self._open_args, self._fingerprint))
 
     def __repr__(self) -> str:
-        return f"BrodenDataset({str(self.root)!r}, {len(self)} images, categories={self.categories})"
+        return (f"BrodenDataset({str(self.root)!r}, {len(self)} images, "
+                f"categories={self.categories})")
 
     @property
     def image_names(self) -> list[str]:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from dissect.data.broden import BrodenDataset, pad_segmentations
-from dissect.errors import OptionError
 
 from dissect.config import (  # noqa: F401 -- defined once there, re-exported here
     IMAGENET_MEAN,
@@ -19,6 +16,8 @@ from dissect.config import (  # noqa: F401 -- defined once there, re-exported he
     NETDISSECT_STD,
     check_normalisation,
 )
+from dissect.data.broden import BrodenDataset, pad_segmentations
+from dissect.errors import OptionError
 
 
 def check_resize(resize: int | Sequence[int] | None) -> tuple[int, int] | None:

@@ -30,7 +30,7 @@ from torch import nn
 from dissect.config import ATTRIBUTION_METHODS
 from dissect.errors import OptionError
 from dissect.record.models import first_tensor
-from dissect.record.trace import LayoutOptions, resolve_layers
+from dissect.record.trace import LayoutOptions, find_module
 
 __all__ = ["ATTRIBUTION_METHODS", "input_attributions"]
 
@@ -157,8 +157,7 @@ def _target(target: Any, logits: torch.Tensor) -> torch.Tensor:
 def _gradcam(model: nn.Module, wrapped: nn.Module, layer: str, images: torch.Tensor,
              chosen: torch.Tensor, token_layout: LayoutOptions | None,
              layer_gradcam: Any) -> torch.Tensor:
-    resolve_layers(model, [layer])
-    module = dict(model.named_modules())[layer]
+    module = find_module(model, layer)
     size = (int(images.shape[2]), int(images.shape[3]))
     probe: list[int] = []
     handle = module.register_forward_hook(

@@ -165,7 +165,8 @@ class Explanation:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of DESIGN.md §11 (without ``maps``; :func:`write_explanations` adds them).
+        """The JSON object of DESIGN.md §11 (without ``maps``, which :func:`write_explanations`
+        adds).
 
         Keys: image, target, target_name, logit, bias, residual, method, layer, group_by,
         units [{unit, contribution, label, iou}], concepts [{label, category, contribution, share,

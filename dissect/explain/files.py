@@ -162,7 +162,8 @@ def write_explanations(
         entries: list[dict[str, str]] = []
 
         def emit(kind: str, title: str, picture: np.ndarray, suffix: str = "",
-                 label: str | None = None) -> None:
+                 label: str | None = None, i: int = i,
+                 entries: list[dict[str, str]] = entries) -> None:
             file_name = f"{i}_{kind}{suffix}.png"
             _write_png(folder / file_name, picture)
             entry = {"kind": kind, "title": title, "path": f"{name}/{file_name}"}

@@ -8,9 +8,10 @@ import os
 import queue
 import threading
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +28,9 @@ from dissect.record.cache import (
     cache_path,
     check_free_space,
     check_options,
-    finish_partial,
     file_bytes,
     fingerprint_fields,
+    finish_partial,
     layer_datasets,
     output_datasets,
     outputs_path,
@@ -40,6 +41,7 @@ from dissect.record.trace import (
     LayoutOptions,
     check_hookable,
     describe_layout,
+    find_module,
     infer_patch_size,
     layouts_for,
     resolve_layers,
@@ -177,7 +179,6 @@ def check_input_size(model: nn.Module, size: int | Sequence[int], layers: str | 
     layers = resolve_layers(model, layers)
     check_hookable(model, layers)
     layouts = layouts_for(layers, layout)
-    modules = dict(model.named_modules())
     raw: dict[str, tuple[int, ...] | None] = {}
     calls = {name: 0 for name in layers}
 
@@ -189,7 +190,8 @@ def check_input_size(model: nn.Module, size: int | Sequence[int], layers: str | 
         return hook
 
     modes = {module: module.training for module in model.modules()}
-    handles = [modules[name].register_forward_hook(make_hook(name)) for name in layers]
+    handles = [find_module(model, name).register_forward_hook(make_hook(name))
+               for name in layers]
     try:
         model.eval()
         try:
@@ -354,7 +356,7 @@ class BackgroundWriter:
             raise self.error
         self._jobs.put(job)
 
-    def __enter__(self) -> "BackgroundWriter":
+    def __enter__(self) -> BackgroundWriter:
         self._thread.start()
         return self
 
