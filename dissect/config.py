@@ -552,6 +552,11 @@ def given_options(args: argparse.Namespace, names: Iterable[str] | None = None
     return values
 
 
+def path_options() -> list[str]:
+    """The fields that hold paths (stored absolute)."""
+    return [f.name for f in dataclasses.fields(RunConfig) if f.metadata["option"].path]
+
+
 def config_from_options(options: Mapping[str, Any], *, base: RunConfig | Mapping[str, Any]
                         | None = None, config_file: str | os.PathLike[str] | None = None
                         ) -> RunConfig:
@@ -569,7 +574,7 @@ def config_from_options(options: Mapping[str, Any], *, base: RunConfig | Mapping
             raise OptionError(f"--config: cannot read {config_file}: {error}") from None
         if not isinstance(loaded, dict):
             raise OptionError(f"--config: {config_file} must hold a JSON object of run options")
-        for key in ("dataset", "weights", "thresholds", "out", "class_names"):
+        for key in path_options():
             if isinstance(loaded.get(key), str):
                 loaded[key] = str(Path(loaded[key]).resolve())
         fields.update(loaded)

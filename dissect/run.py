@@ -308,11 +308,12 @@ def ablation_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
             for study in config.ablation_studies:
                 with task_progress(f"ablate {layer} {study}", progress):
                     results[layer][study] = run_ablation(run, layer, study, config=config,
-                                                         **options)
+                                                         progress=progress, **options)
         timing.extra["studies"] = list(config.ablation_studies)
         timing.extra["options"] = {k: v for k, v in config.to_json().items()
-                                   if k in ("classes", "class_names", "rule", "repeats",
-                                            "rank_split", "eval_split", "n", "concept", "seed")}
+                                   if k in ("classes", "class_names", "eval_dataset", "rule",
+                                            "repeats", "rank_split", "eval_split", "n",
+                                            "concept", "seed")}
         run.record_stage(f"ablate:{layer}", timing)
         _log(summary, f"ablate {layer} ({', '.join(config.ablation_studies)}): computed in "
                       f"{timing.wall_s:.1f} s")

@@ -329,3 +329,26 @@ def test_a_killed_recording_resumes_and_the_mean_rule_uses_the_run_cache(
     images, y = _folder_reference(root, [f"c{k}" for k in range(5)])
     _check_against_reference(by_suffix, images, y,
                              {"baseline": [], "random16#0": list(by_suffix.set_units[1])}, means)
+
+
+def test_ablate_command_takes_an_eval_dataset_and_saves_it(run_dir: Path, imagefolder,
+                                                           tmp_path: Path) -> None:
+    import shutil
+
+    from dissect.cli import main
+
+    tree, names = imagefolder
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["ablate", "--run", str(run), "--layer", LAYER, "--study", "single",
+                 "--eval-dataset", str(tree), "--class-names", str(names), "--quiet"]) == 0
+    meta = json.loads((run / LAYER / "ablation.json").read_text())
+    assert meta["single"]["eval_dataset"] == str(tree.resolve())
+    assert meta["single"]["eval_kind"] == "imagefolder"
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["eval_dataset"] == str(tree.resolve())
+    assert json.loads((run / "run.json").read_text())["stages"][f"ablate:{LAYER}"][
+        "options"]["eval_dataset"] == str(tree.resolve())
+    assert RunDir(run).eval_cache(LAYER, RunDir.eval_name(tree)).is_file()
+    assert main(["ablate", "--run", str(run), "--layer", LAYER, "--study", "single",
+                 "--eval-dataset", str(tmp_path / "missing")]) == 2
