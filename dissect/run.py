@@ -655,7 +655,7 @@ def _safe_name(text: str) -> str:
 
 def _write_profile(run: RunDir, stem: str, record: dict[str, Any]) -> Path:
     """``explain/classes/<stem>.json``, written under a temporary name and renamed."""
-    folder = run.explain_dir / "classes"
+    folder = run.class_profiles_dir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.json"
     partial = path.with_name(path.name + ".partial")

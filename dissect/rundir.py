@@ -150,6 +150,12 @@ class RunDir:
         return self.path / "explain"
 
     @property
+    def class_profiles_dir(self) -> Path:
+        """``explain/classes/``: one ``<name>.json`` per class concept profile
+        (``dissect explain --class``)."""
+        return self.explain_dir / "classes"
+
+    @property
     def report_dir(self) -> Path:
         return self.path / "report"
 

@@ -643,6 +643,73 @@ def layer_results(run_dir: Path, layer: str, n_units: int, metric: str) -> dict[
     return out
 
 
+#: Concepts and units listed per class profile.
+TOP_PROFILE = 5
+
+
+def _single_drops(rows: Sequence[dict[str, str]], class_name: str, metric: str
+                  ) -> list[tuple[int, float]]:
+    """(unit, drop of ``metric``) for every unit the single study removed, for one class."""
+    baseline = next((r for r in rows if r["study"] == "single" and r["set"] == "baseline"
+                     and r["class"] == class_name), None)
+    if baseline is None or not baseline.get(metric):
+        return []
+    base = float(baseline[metric])
+    drops = []
+    for row in rows:
+        if row["study"] == "single" and row["set"] != "baseline" and \
+                row["class"] == class_name and row.get(metric) and row["units"].isdigit():
+            value = float(row[metric])
+            if math.isfinite(value):
+                drops.append((int(row["units"]), base - value))
+    return drops
+
+
+def class_profiles(run_dir: str | Path, layer: str, unit_labels: Sequence[str],
+                   metric: str = ABLATION_METRIC, top: int = TOP_PROFILE
+                   ) -> list[dict[str, Any]]:
+    """The layer's class concept profiles (``explain/classes/*.json``, from ``dissect explain
+    --class``), each beside the units whose single-unit ablation hurts that class most.
+
+    Returns a list, in file-name order, of ``{"class", "n_images", "selection", "method",
+    "concepts": [{"label", "share"}] (top positive shares), "unlabeled_share", "hurt": [{"unit",
+    "label", "drop"}] (largest drops of ``metric`` > 0; [] without a single study),
+    "both": labels in both lists}``. CacheError names a profile that cannot be read.
+    """
+    import json
+
+    run = RunDir(run_dir)
+    folder = run.class_profiles_dir
+    if not folder.is_dir():
+        return []
+    rows = read_ablation_csv(run.ablation_csv(layer)) if run.ablation_csv(layer).is_file() \
+        else []
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("layer") != layer:
+                continue
+            name = str(data["target_name"] if data.get("target_name") is not None
+                       else data["target"])
+            concepts = [{"label": str(c["label"]), "share": float(c["share"])}
+                        for c in data["concepts"] if float(c["contribution"]) > 0][:top]
+            unlabeled = float(data["unlabeled"]["share"])
+            n_images = int(data["n_images"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CacheError(f"{path}: not a class profile of `dissect explain --class` "
+                             f"({error})") from None
+        drops = sorted(_single_drops(rows, name, metric), key=lambda d: (-d[1], d[0]))
+        hurt = [{"unit": u, "label": unit_labels[u] if 0 <= u < len(unit_labels) else "",
+                 "drop": round_float(drop)} for u, drop in drops[:top] if drop > 0]
+        credited = {c["label"] for c in concepts}
+        out.append({"class": name, "n_images": n_images, "selection": data.get("selection"),
+                    "method": data.get("method"), "concepts": concepts,
+                    "unlabeled_share": unlabeled, "hurt": hurt,
+                    "both": sorted(credited & {h["label"] for h in hurt if h["label"]})})
+    return out
+
+
 def build_report_data(
     run_dir: str | Path,
     *,
@@ -724,6 +791,8 @@ def build_report_data(
         effects = results.pop("effects")
         data = layer_data(result, top_idx, top_val, image_names, effects, metric=ablation_metric,
                           image_level=image_level, **results)
+        data["class_profiles"] = class_profiles(
+            run_dir, layer, [u["label"] for u in data["units"]], ablation_metric)
         for c in data["categories"]:
             if c not in categories:
                 categories.append(c)
