@@ -536,3 +536,65 @@ def test_class_labels_from_a_category_a_csv_and_predictions(broden_tiny: object,
     names, y = load_class_labels("predicted", dataset, predictions=np.array([2, 0, 2]),
                                  n_outputs=3)
     assert names == ["0", "1", "2"] and list(y) == [2, 0, 2]
+
+
+def test_token_layer_units_are_patch_token_channels_and_the_class_token_is_kept() -> None:
+    # drop_tokens=1: unit u is channel u of the 4 patch tokens; the class token (and so the
+    # mean-pooled head's share of it) is left as it is. Reference: a plain hook, no engine.
+    torch.manual_seed(0)
+    model = tiny_token_model()
+    with torch.no_grad():
+        model.patches.cls.normal_()
+    x = torch.randn(8, 3, 4, 4)
+    labels = np.array([0, 1, 0, 1, 0, 1, 1, 0])
+    study = AblationStudy(model, "mlp", labels, ["a", "b"], images=TensorRows(x),
+                          drop_tokens=1, batch_size=3, scheduler="synchronous")
+    assert study.n_units == 6 and not study.uses_suffix
+    sets = [[0, 2], [5], [0, 1, 2, 3, 4, 5]]
+    result = study.evaluate(sets)
+
+    def reference(units: list[int]) -> np.ndarray:
+        def hook(_m, _i, out):
+            out = out.clone()
+            out[:, 1:, units] = 0
+            return out
+        handle = model.mlp.register_forward_hook(hook)
+        with torch.no_grad():
+            prob = torch.softmax(model(x).double(), dim=1)[torch.arange(8), labels].numpy()
+        handle.remove()
+        return np.array([prob[labels == c].mean() for c in (0, 1)])
+
+    expected = np.stack([reference([])] + [reference(s) for s in sets])
+    np.testing.assert_allclose(result.metrics["true_class_prob"], expected, rtol=1e-6)
+    # every unit removed still leaves the class token's contribution: not the all-zero output
+    with torch.no_grad():
+        tokens = model.mlp(model.patches(x))
+    assert tokens[:, 0].abs().sum() > 0
+    with pytest.raises(LayerError, match="with 7 leading class/register tokens"):
+        AblationStudy(model, "mlp", labels, ["a", "b"], images=TensorRows(x), drop_tokens=7)
+
+
+def test_a_token_layer_recorded_as_tokens_is_ablated_on_its_patch_tokens(toy_dataset: Path,
+                                                                         tmp_path: Path) -> None:
+    # The recorder stores the layer's unit layout (tokens, 1 dropped class token); a study on
+    # that cache reads it, so the same unit sets give what an explicit drop_tokens=1 gives.
+    from dissect.ablation import DatasetImages
+    from dissect.data import IMAGENET_MEAN, IMAGENET_STD, BrodenDataset
+    from dissect.record import CacheReader, open_cache, record_activations
+
+    torch.manual_seed(1)
+    model = tiny_token_model()
+    dataset = BrodenDataset(toy_dataset)
+    paths = record_activations(model, dataset, ["mlp"], tmp_path, mean=IMAGENET_MEAN,
+                               std=IMAGENET_STD, batch_size=24, progress=False)
+    assert open_cache(paths["mlp"]).unit_layout["drop_tokens"] == 1
+    images = DatasetImages(dataset, IMAGENET_MEAN, IMAGENET_STD)
+    labels = np.arange(len(dataset)) % 2
+    from_cache = AblationStudy(model, "mlp", labels, ["a", "b"], images=images,
+                               activations=CacheReader(paths["mlp"]), batch_size=16)
+    explicit = AblationStudy(model, "mlp", labels, ["a", "b"], images=images, drop_tokens=1,
+                             batch_size=16)
+    assert from_cache.drop_tokens == 1 and not from_cache.uses_suffix
+    sets = [[0], [1, 3, 5]]
+    np.testing.assert_array_equal(from_cache.evaluate(sets).metrics["true_class_prob"],
+                                  explicit.evaluate(sets).metrics["true_class_prob"])

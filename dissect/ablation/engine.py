@@ -62,6 +62,7 @@ class SetEvaluator:
     activations : row source of layer activations (suffix path)
     batch_size : images per forward (a forward has S * batch_size rows)
     device : torch device name
+    drop_tokens : leading class/register tokens of a token layer (hook path), else None
     """
 
     model: nn.Module | None
@@ -74,6 +75,7 @@ class SetEvaluator:
     activations: RowSource | None = None
     batch_size: int = 32
     device: str = "cpu"
+    drop_tokens: int | None = None
 
     @property
     def uses_suffix(self) -> bool:
@@ -104,7 +106,8 @@ class SetEvaluator:
                 images = torch.as_tensor(self.images.read_rows(rows)).to(device, torch.float32)
                 replicated = images.repeat((n_sets,) + (1,) * (images.dim() - 1))
                 with _hook_lock(self.model), \
-                        ablate_with_fill(self.model, self.layer, masks, self.fill):
+                        ablate_with_fill(self.model, self.layer, masks, self.fill,
+                                         self.drop_tokens):
                     output = self.model(replicated)
             else:
                 raise OptionError("the ablation engine has neither images nor cached activations")

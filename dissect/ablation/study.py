@@ -20,10 +20,12 @@ from dissect.ablation.engine import SetEvaluator, check_scheduler, evaluate_mask
 from dissect.ablation.hooks import (
     check_recorded_layout,
     check_rule,
+    check_token_shape,
     check_unit_shape,
     check_units,
     fill_values,
     forward_hook,
+    token_drop,
 )
 from dissect.ablation.metrics import ClassCounts
 from dissect.ablation.result import BASELINE, AblationResult, class_index, rank_units
@@ -38,17 +40,19 @@ USE_SUFFIX: tuple[object, ...] = ("auto", True, False)
 DEFAULT_ROWS_PER_FORWARD = 256
 
 
-def _recorded_layout(activations: RowSource | None) -> Any:
-    """The ``layout`` fingerprint field of a cache-backed activation source (None otherwise)."""
+def _recorded_layout(activations: RowSource | None) -> tuple[Any, Any]:
+    """(the ``layout`` fingerprint field, the ``unit_layout``) of a cache-backed activation
+    source; (None, None) otherwise."""
     path = getattr(activations, "path", None)
     if path is None:
-        return None
+        return None, None
     try:
         from dissect.record.cache import open_cache
 
-        return (open_cache(path).fingerprint or {}).get("layout")
+        info = open_cache(path)
+        return (info.fingerprint or {}).get("layout"), info.unit_layout
     except Exception:  # noqa: BLE001 - not a readable cache: nothing recorded to check
-        return None
+        return None, None
 
 
 def default_sizes(n_units: int) -> list[int]:
@@ -98,6 +102,11 @@ class AblationStudy:
         ``activations``) is used when ``activations`` is given and the model splits at the layer
         (:func:`dissect.ablation.suffix.split_at_layer`); otherwise the full model runs on
         ``images`` with an ablation hook.
+    drop_tokens : for a transformer token layer (B, T, C): the number of leading class/register
+        tokens. Unit u is then channel u of the patch tokens ``[drop_tokens:]`` (the class and
+        register tokens are left as they are), always on the full-forward path (the cache holds
+        no class token). Default: read from the cache's ``unit_layout`` when it was recorded as
+        tokens; None: units on axis 1.
 
     Examples
     --------
@@ -113,7 +122,7 @@ class AblationStudy:
                  means: np.ndarray | None = None, batch_size: int = 32,
                  sets_per_batch: int | None = None, scheduler: str = "threads",
                  device: str | torch.device | None = None,
-                 use_suffix: bool | str = "auto") -> None:
+                 use_suffix: bool | str = "auto", drop_tokens: int | None = None) -> None:
         find_module(model, layer)
         check_rule(rule)
         check_scheduler(scheduler)
@@ -133,11 +142,26 @@ class AblationStudy:
         self.device = str(device) if device is not None else "cpu"
         self.class_names = tuple(str(name) for name in class_names)
         self.labels = self._check_labels(labels, images, activations)
-        check_recorded_layout(_recorded_layout(activations), layer)
+        layout, unit_layout = _recorded_layout(activations)
+        if drop_tokens is None:
+            drop_tokens = token_drop(unit_layout)
+        if drop_tokens is not None and (isinstance(drop_tokens, bool)
+                                        or not isinstance(drop_tokens, (int, np.integer))
+                                        or drop_tokens < 0):
+            raise OptionError(f"option drop_tokens: expected an integer >= 0, got "
+                              f"{drop_tokens!r}")
+        self.drop_tokens = None if drop_tokens is None else int(drop_tokens)
+        if self.drop_tokens is None:
+            check_recorded_layout(layout, layer)
+        elif images is None:
+            raise OptionError(f"layer {layer!r} is a token layer: its ablation runs the full "
+                              "model (the cache holds no class token), so it needs images")
         if images is not None:
             self._layer_shape(images)  # LayerError for outputs without units on axis 1
         suffix, why = None, "no cached activations were given"
-        if use_suffix is not False and activations is not None:
+        if self.drop_tokens is not None:
+            why = "the layer outputs transformer tokens and the cache holds only the patch grid"
+        elif use_suffix is not False and activations is not None:
             suffix = split_at_layer(model, layer)
             why = "the model cannot be split there (not FX-traceable, the layer is called more " \
                   "than once, or the output depends on values computed before the layer)"
@@ -163,7 +187,7 @@ class AblationStudy:
             labels=self.labels, n_classes=len(self.class_names), suffix=suffix,
             images=images if suffix is None else None,
             activations=activations if suffix is not None else None,
-            batch_size=self.batch_size, device=self.device)
+            batch_size=self.batch_size, device=self.device, drop_tokens=self.drop_tokens)
         self._n_outputs: int | None = None
 
     # ----------------------------------------------------------------------------- setup helpers
@@ -181,7 +205,8 @@ class AblationStudy:
 
     def _count_units(self, images: RowSource | None, activations: RowSource | None) -> int:
         if images is not None:
-            return self._layer_shape(images)[1]
+            shape = self._layer_shape(images)
+            return shape[2] if self.drop_tokens is not None else shape[1]
         if activations is not None and hasattr(activations, "shape"):
             return int(activations.shape[1])  # type: ignore[attr-defined]
         return int(np.asarray(activations.read_rows(np.array([0]))).shape[1])  # type: ignore
@@ -197,7 +222,11 @@ class AblationStudy:
         with forward_hook(module, record), torch.no_grad():
             self.model(torch.as_tensor(images.read_rows(np.array([0]))).to(
                 self.device, torch.float32))
-        check_unit_shape(shapes[0] if shapes else "nothing (the layer did not run)", self.layer)
+        shape = shapes[0] if shapes else "nothing (the layer did not run)"
+        if self.drop_tokens is not None:
+            check_token_shape(shape, self.layer, self.drop_tokens)
+        else:
+            check_unit_shape(shape, self.layer)
         self._probed_shape: tuple[int, ...] = shapes[0]
         return shapes[0]
 
