@@ -919,17 +919,9 @@ def _check_options(max_length: Any, beam: Any, ops: Any, candidates: Any, search
 
 def _open_reader(cache: Any) -> tuple[Any, str, str, Any]:
     """(reader, description, default layer, fingerprint) of a cache path or reader."""
-    if isinstance(cache, (str, os.PathLike)):
-        from dissect.record import CacheReader, open_cache
+    from dissect.record.cache import open_activations
 
-        info = open_cache(cache)
-        if info.name != "acts":
-            raise CacheError(f"cache {cache} holds {info.name!r}, not layer activations 'acts'")
-        layer = str(info.fingerprint.get("layer") or Path(cache).stem)
-        return CacheReader(cache, "acts"), f"cache {os.fspath(cache)}", layer, info.fingerprint
-    path = getattr(cache, "path", None)
-    layer = Path(path).stem if path is not None else "layer"
-    return cache, f"cache {path}" if path is not None else repr(cache), layer, None
+    return open_activations(cache)
 
 
 def compose_options(*, layer: str, thresholds: np.ndarray, max_length: int, beam: int,

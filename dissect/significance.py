@@ -351,18 +351,10 @@ def _check_options(permutations: int, seed: int, alpha: float, union: str,
 
 
 def _open_reader(cache: Any) -> tuple[Any, str, str, Any]:
-    """(reader, description, default layer, cache fingerprint or None) of a path or reader."""
-    if isinstance(cache, (str, os.PathLike)):
-        from dissect.record import CacheReader, open_cache
+    """(reader, description, default layer, fingerprint) of a cache path or reader."""
+    from dissect.record.cache import open_activations
 
-        info = open_cache(cache)
-        if info.name != "acts":
-            raise CacheError(f"cache {cache} holds {info.name!r}, not layer activations 'acts'")
-        layer = str(info.fingerprint.get("layer") or Path(cache).stem)
-        return CacheReader(cache, "acts"), f"cache {os.fspath(cache)}", layer, info.fingerprint
-    path = getattr(cache, "path", None)
-    layer = Path(path).stem if path is not None else "layer"
-    return cache, f"cache {path}" if path is not None else repr(cache), layer, None
+    return open_activations(cache)
 
 
 def _annotation_signatures(dataset: Any, images: np.ndarray) -> np.ndarray:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,17 +109,9 @@ def _check_options(quantile: float, union: str, iou_threshold: float, scheduler:
 
 def _open_reader(cache: str | os.PathLike[str] | ActivationReader) -> tuple[Any, str, str]:
     """(reader, description, default layer name) of a cache path or reader."""
-    if isinstance(cache, (str, os.PathLike)):
-        from dissect.record import CacheReader, open_cache
+    from dissect.record.cache import open_activations
 
-        info = open_cache(cache)
-        if info.name != "acts":
-            raise CacheError(f"cache {cache} holds {info.name!r}, not layer activations 'acts'")
-        layer = str(info.fingerprint.get("layer") or Path(cache).stem)
-        return CacheReader(cache, "acts"), f"cache {os.fspath(cache)}", layer
-    path = getattr(cache, "path", None)
-    layer = Path(path).stem if path is not None else "layer"
-    return cache, f"cache {path}" if path is not None else repr(cache), layer
+    return open_activations(cache)[:3]
 
 
 def _labeled_images(dataset: Any, where: str) -> np.ndarray | None:

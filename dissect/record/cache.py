@@ -558,3 +558,18 @@ def check_options(dtype: str, compression: str | None) -> None:
     if compression not in COMPRESSIONS:
         raise OptionError(f"compression: got {compression!r}, expected one of "
                           f"{', '.join(str(c) for c in COMPRESSIONS)}")
+
+
+def open_activations(cache: Any) -> tuple[Any, str, str, dict[str, Any] | None]:
+    """(reader, description, default layer name, fingerprint or None) of a layer cache path or
+    of an activation reader (anything with ``read_rows``; its ``path``, when it has one, names
+    it). CacheError when the path is not a complete cache of layer activations."""
+    if isinstance(cache, (str, os.PathLike)):
+        info = open_cache(cache)
+        if info.name != "acts":
+            raise CacheError(f"cache {cache} holds {info.name!r}, not layer activations 'acts'")
+        layer = str(info.fingerprint.get("layer") or Path(cache).stem)
+        return CacheReader(cache, "acts"), f"cache {os.fspath(cache)}", layer, info.fingerprint
+    path = getattr(cache, "path", None)
+    layer = Path(path).stem if path is not None else "layer"
+    return cache, f"cache {path}" if path is not None else repr(cache), layer, None
