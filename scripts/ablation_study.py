@@ -28,7 +28,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dissect.ablation import AblationResult, importance_table, run_ablation  # noqa: E402

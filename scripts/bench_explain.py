@@ -81,12 +81,12 @@ def main() -> None:
         x = torch.randn(args.batch, 3, size, size,
                         generator=torch.Generator().manual_seed(size)).to(device)
 
-        def bare() -> None:
+        def bare(x: torch.Tensor = x) -> None:
             model.zero_grad(set_to_none=True)
             logits = model(x)
             logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
 
-        def to_layer() -> None:
+        def to_layer(x: torch.Tensor = x) -> None:
             stored = {}
             handle = module.register_forward_hook(lambda m, i, o: stored.setdefault("a", o))
             try:
@@ -96,7 +96,7 @@ def main() -> None:
             finally:
                 handle.remove()
 
-        def explain() -> None:
+        def explain(x: torch.Tensor = x) -> None:
             explain_prediction(model, args.layer, x, dissection)
 
         runs = {"bare": bare, "to_layer": to_layer, "explain": explain}

@@ -39,11 +39,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -441,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     from dissect.dissection import load_dissection
     from dissect.parallel import compute_thresholds, scheduler_context
     from dissect.record import CacheReader, load_model, resolve_device
-    from dissect.rundir import RunDir
     from dissect.run import record_stage, report_stage, tally_stage
+    from dissect.rundir import RunDir
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -570,7 +571,8 @@ def summarize(args: argparse.Namespace, stages: list[Stage], device: Any, worker
                         "images_per_s": stage.images_per_s} for stage in stages],
             "pipeline_s": pipeline, "detectors": detectors, "summary": lines}
     (out / "bench.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
-    table = ["| stage | wall s | img/s | GPU util % | peak RSS MB (+children) | peak GPU MB | note |",
+    table = ["| stage | wall s | img/s | GPU util % | peak RSS MB (+children) | peak GPU MB "
+             "| note |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for stage in stages:
         util = "" if stage.gpu_util_mean is None else \
@@ -580,7 +582,8 @@ def summarize(args: argparse.Namespace, stages: list[Stage], device: Any, worker
                      f"| {stage.peak_rss_mb:,.0f} ({stage.peak_rss_children_mb:,.0f}) "
                      f"| {gpu_mb} | {stage.note} |")
     head = (f"## {args.label or 'bench_pipeline'}: {args.model} {' '.join(args.layers)}, "
-            f"{args.n_images} images of {args.size} px, batch {args.batch_size}, {info['gpu'] or device}, "
+            f"{args.n_images} images of {args.size} px, batch {args.batch_size}, "
+            f"{info['gpu'] or device}, "
             f"{workers} loader workers, {os.cpu_count()} cores")
     (out / "bench.md").write_text("\n".join([head, "", *table, "", *lines]) + "\n")
     return "\n".join(lines)

@@ -110,7 +110,7 @@ def write_study_results(layer_dir: Path, n_units: int, n_classes: int = 10,
     for u in range(n_units):
         add("single", f"unit{u}", [u], base - rng.exponential(0.01, n_classes))
     sizes = [n for n in (1, 2, 4, 8, 16) if n <= n_units // 2]
-    for c, cls in enumerate(classes):
+    for cls in classes:
         for n in sizes:
             units = sorted(rng.choice(n_units, n, replace=False).tolist())
             add("topn", f"{cls}:top{n}", units, base - 0.04 * n)

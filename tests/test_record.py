@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
+import sys
 import threading
 import time
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -539,8 +539,12 @@ def test_torchscript_layers_are_refused_before_any_work(dataset: BrodenDataset,
 
 def test_token_layer_ablation_changes_patch_tokens_only(dataset: BrodenDataset,
                                                        tmp_path: Path) -> None:
-    from dissect.ablation.hooks import (ablate_unit_sets, ablate_units, compute_unit_means,
-                                        token_drop)
+    from dissect.ablation.hooks import (
+        ablate_unit_sets,
+        ablate_units,
+        compute_unit_means,
+        token_drop,
+    )
 
     model = TinyViT(n_leading=2).eval()   # the head reads token 0, a leading (class) token
     paths = record(model, dataset, ["blocks"], tmp_path, dtype="float32")

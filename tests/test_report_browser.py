@@ -15,10 +15,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_report import LAYER, N_UNITS, shared_synthetic_run
 
 from dissect.report import render_report
-
-from test_report import LAYER, N_UNITS, shared_synthetic_run
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -674,7 +674,7 @@ def test_imagefolder_malformed_inputs_name_the_file(image_folder: Path, tmp_path
     (image_folder / "empty").rmdir()
     save_rgb(image_folder / "dog" / "wide.png", np.zeros((6, 9, 3)))
     with pytest.raises(DatasetError, match="images differ in size"):
-        ImageFolderDataset(image_folder).image_size
+        _ = ImageFolderDataset(image_folder).image_size
 
 
 def test_imagefolder_ablation_metrics_equal_a_plain_hook_reference(image_folder: Path) -> None:

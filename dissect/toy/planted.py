@@ -32,7 +32,7 @@ bed (bedroom).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -10,8 +10,8 @@ Everything here is a pure function of a :class:`numpy.random.Generator`; nothing
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
