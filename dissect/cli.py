@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--name", help="name of the image set (explain/<name>.json)")
     explain.add_argument("--batch-size", type=int, help="images per pass (default: the run's)")
     explain.add_argument("--device", help="torch device (default: the run's)")
+    _quiet_option(explain)
 
     compare = sub.add_parser("compare", help="a page comparing runs on one dataset (models, "
                                              "checkpoints, layers) side by side")
@@ -446,7 +447,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
                          iou_threshold=args.iou_threshold, top_k=args.top_k,
                          attributions=args.attributions, name=args.name,
                          batch_size=args.batch_size, device=args.device,
-                         selection=args.selection, summary=summary)
+                         selection=args.selection, progress=_progress(args),
+                         summary=summary)
     for line in summary:
         print(line)
     print(f"explanations: {path}")

@@ -512,7 +512,7 @@ def explain_stage(run_dir: str | os.PathLike[str], layer: str, *,
                   top_k: int = 5, attributions: Sequence[str] = ("saliency", "gradcam"),
                   name: str | None = None, batch_size: int | None = None,
                   device: str | None = None, selection: str = "true",
-                  summary: list[str] | None = None) -> Path:
+                  progress: bool = False, summary: list[str] | None = None) -> Path:
     """Explain predictions of a run's model by the dissected concepts of ``layer`` (DESIGN §11).
 
     Exactly one source: ``images`` (image files, preprocessed as recorded in run.json),
@@ -559,7 +559,8 @@ def explain_stage(run_dir: str | os.PathLike[str], layer: str, *,
                 if selection == "true" else None
             profile = explain_class(
                 model, layer, _dataset_batches(config, dataset, labels,
-                                               batch_size or config.batch_size),
+                                               batch_size or config.batch_size,
+                                               f"explain {layer} class {index}", progress),
                 dissection, index, selection=selection, **common)
             if profile.n_images == 0:
                 raise OptionError(f"explain --class {class_}: no image of the dataset is "
@@ -633,17 +634,23 @@ def _explain_labels(config: RunConfig, dataset: Any, class_names: Sequence[str] 
     return load_class_labels(source, dataset, class_names=class_names, n_outputs=n_outputs)[1]
 
 
-def _dataset_batches(config: RunConfig, dataset: Any, labels: Any, batch_size: int) -> Any:
-    """(images, labels) batches of every dataset image (labels -1 when none are known)."""
+def _dataset_batches(config: RunConfig, dataset: Any, labels: Any, batch_size: int,
+                     description: str = "", progress: bool = False) -> Any:
+    """(images, labels) batches of every dataset image (labels -1 when none are known), with a
+    progress bar over the images when ``progress``."""
     import numpy as np
+    from tqdm.auto import tqdm
 
     from dissect.data import make_loader
 
     known = np.full(len(dataset), -1) if labels is None else np.asarray(labels)
     loader = make_loader(dataset, mean=config.mean, std=config.std, resize=config.resize,
                          batch_size=batch_size, num_workers=0)
-    for images, index in loader:
-        yield images, known[np.asarray(index)]
+    with tqdm(total=len(dataset), desc=description, unit="img", disable=not progress,
+              leave=False) as bar:
+        for images, index in loader:
+            yield images, known[np.asarray(index)]
+            bar.update(len(index))
 
 
 def _safe_name(text: str) -> str:
