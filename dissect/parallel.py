@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from dask.multiprocessing import initialize_worker_process
 
+from dissect.config import SCHEDULERS, UNION_RULES
+from dissect.config import check_scheduler as _check_scheduler_name
 from dissect.errors import DissectError, OptionError
-from dissect.stats import UNION_RULES, IoUCounts, TopKQuantile, count_iou
+from dissect.stats import IoUCounts, TopKQuantile, count_iou
 
 __all__ = [
     "SCHEDULERS",
@@ -45,8 +47,7 @@ __all__ = [
     "check_images",
 ]
 
-SCHEDULERS: tuple[str, ...] = ("threads", "processes", "synchronous")
-_ALLOWED = "threads, processes, synchronous or tcp://host:port of a dask.distributed scheduler"
+_ALLOWED = (f"{', '.join(SCHEDULERS)} or tcp://host:port of a dask.distributed scheduler")
 
 # A chunk's activations (float32) and label maps (int64 on the compute device) stay under this.
 _CHUNK_BYTES = 48 * 1024 * 1024
@@ -73,15 +74,18 @@ class SegmentationSource(Protocol):
 
 
 def check_scheduler(scheduler: str) -> str:
-    """Validate a ``--scheduler`` value; returns it. OptionError names the allowed values."""
-    if isinstance(scheduler, str):
-        if scheduler in SCHEDULERS:
-            return scheduler
-        if scheduler.startswith("tcp://"):
-            host, _, port = scheduler[len("tcp://"):].rpartition(":")
-            if host and port.isdigit():
-                return scheduler
-    raise OptionError(f"--scheduler: {scheduler!r} is not a scheduler; expected {_ALLOWED}")
+    """Validate a ``--scheduler`` value; returns it. OptionError names the allowed values.
+
+    :func:`dissect.config.check_scheduler` (the names of ``SCHEDULERS`` or an address), and an
+    address must name a host and a numeric port.
+    """
+    name = _check_scheduler_name(scheduler)
+    if name not in SCHEDULERS:
+        host, _, port = name.partition("://")[2].rpartition(":")
+        if not (host and port.isdigit()):
+            raise OptionError(f"--scheduler: {scheduler!r} is not a scheduler; expected "
+                              f"{_ALLOWED}")
+    return name
 
 
 @dataclass(frozen=True)

@@ -1,35 +1,43 @@
-"""Benchmark of the dissection stage (thresholds and IoU tally) on a synthetic Broden-like layer.
+"""Benchmark of the dissection stage (thresholds and IoU tally) at four layer shapes.
 
-The script writes, into a temporary directory (or ``--workdir``):
+The script writes, into a temporary directory (or ``--workdir``, reused when it matches):
 
-- a Broden-format dataset (DESIGN.md §2) read by the real ``BrodenDataset``: segmentation PNGs
+- one Broden-format dataset (DESIGN.md §2) read by the real ``BrodenDataset``: segmentation PNGs
   (R + 256 * G) of ``--seg-size`` pixels, six categories with about ``--labels`` labels in all:
   color (1 layer), object (most images), part (0-2 layers), material (half the images), scene and
   texture (image-level labels); a few labels belong to two categories. Label maps are blocky
   regions, like Broden's. Image files are tiny placeholders (the tally never opens them).
-- an activation cache ``cache/layer.h5`` in the DESIGN §4a layout (float16 ``acts`` (N, U, h, w)
-  in (32, U, h, w) chunks, ``amax``, ``done``, ``complete``), whose units respond to a preferred
-  label plus noise, so masks and IoUs look like a real layer's.
+- per layer shape (``--shapes``, default 512 units at 7x7, 256 at 14x14, 128 at 28x28 and 64 at
+  56x56), an activation cache ``cache/layer_<U>x<h>.h5`` in the DESIGN §4a layout (float16
+  ``acts`` (N, U, h, w) in (32, U, h, w) chunks, ``amax``, ``done``, ``complete``), whose units
+  respond to a preferred label plus noise, so masks and IoUs look like a real layer's.
 
-It then measures, each in a fresh subprocess (so peak RSS is per measurement):
+Per shape it then measures, each in a fresh subprocess (so peak RSS is per measurement):
 
 - ``floor``: reading the cache once and the label maps once (``CacheReader.read`` +
   ``BrodenDataset.load_segmentations`` over the chunks, one worker), the I/O and decoding that
   any tally must do;
 - ``thresholds``: ``compute_thresholds`` (exact top-K quantile), 1 and 2 workers;
-- ``tally``: ``compute_counts`` with 1 and 2 workers, threads and processes schedulers;
+- ``counting``: ``compute_counts`` with 1 and 2 workers of the threads scheduler, with the cell
+  prefilter of ``count_iou`` off and on (``--schedulers threads,processes`` adds the processes
+  scheduler, at count_iou's default);
 
-and prints ms/image, the ratios tally/floor and 1-worker/2-worker, and peak RSS (MB).
+and prints the shapes side by side: ms/image, the ratios to the floor, prefilter on/off, 1/2
+workers, which path ``count_iou``'s default takes, and, on the 128 x 28 x 28 shape, the ratio to
+NetDissect-Lite's figures quoted in issue 14 (2.8 s quantile + 15.0 s tally per 1000 images on a
+2-core machine; quoted, not measured here).
 
 Usage::
 
-    python scripts/bench_tally.py                 # 2000 images, 512 units at 7x7, 112x112 segs
-    python scripts/bench_tally.py --n-images 300  # quicker
-    python scripts/bench_tally.py --repeat 3      # 3 rounds: fastest runs and per-round ratios
+    python scripts/bench_tally.py                     # 1000 images, the four shapes
+    python scripts/bench_tally.py --n-images 200      # quick
+    python scripts/bench_tally.py --shapes 128x28     # one shape
+    python scripts/bench_tally.py --repeat 3          # 3 rounds: fastest run of each
 
-A last diagnostic line times, with a plain 1- and 2-thread pool on the first 800 images, the
-label-map loading alone (``load_segmentations``) and ``count_iou`` alone on preloaded arrays, to
-show which part of the threads scheduler's 2-worker speedup the GIL limits.
+``--diagnostics`` adds, per shape, a line timing with a plain 1- and 2-thread pool the label-map
+loading alone (``load_segmentations``) and ``count_iou`` alone on preloaded arrays, to show which
+part of the threads scheduler's 2-worker speedup the GIL limits. The script prints figures and
+never judges them.
 """
 
 from __future__ import annotations
@@ -55,8 +63,12 @@ if str(ROOT) not in sys.path:
 
 CATEGORY_SHARES = [("color", 0.012), ("object", 0.58), ("part", 0.235), ("material", 0.033),
                    ("scene", 0.1), ("texture", 0.04)]
-IMAGE_LEVEL = {"scene", "texture"}
 BLOCK = 8          # label regions are drawn at seg_size / BLOCK and enlarged (blocky regions)
+MAX_LAYERS = 5     # pixel label layers of an image: color, object, 2 part, material
+SHAPES = "512x7,256x14,128x28,64x56"
+#: NetDissect-Lite on the 128 x 28 x 28 layer of issue 14 (1000 images, 112x112 label maps,
+#: about 40 labels, 2 cores), seconds per 1000 images: quoted from the issue, not measured here.
+NETDISSECT_LITE = {"shape": (128, 28), "quantile": 2.8, "tally": 15.0}
 
 
 # ----------------------------------------------------------------------------- data generation
@@ -105,9 +117,10 @@ def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
         writer.writerows(rows)
 
 
-def generate(workdir: Path, n_images: int, n_units: int, size: int, seg_size: int,
-             n_labels: int, seed: int = 0) -> tuple[Path, Path]:
-    """Write the dataset and the cache; returns (dataset dir, cache path)."""
+def generate_dataset(workdir: Path, n_images: int, seg_size: int, n_labels: int,
+                     seed: int = 0) -> Path:
+    """Write the Broden-format dataset, and ``layers.npy``: every image's pixel label layers at
+    seg_size / BLOCK (int16 (N, MAX_LAYERS, low, low), zero-padded) for :func:`write_cache`."""
     rng = np.random.default_rng(seed)
     data = workdir / "dataset"
     (data / "images" / "seg").mkdir(parents=True, exist_ok=True)
@@ -137,15 +150,52 @@ def generate(workdir: Path, n_images: int, n_units: int, size: int, seg_size: in
     Image.new("RGB", (8, 8)).save(placeholder)
 
     low = seg_size // BLOCK
+    layers = np.zeros((n_images, MAX_LAYERS, low, low), np.int16)
+    index_rows = []
+    for i in range(n_images):
+        row: list[object] = [f"img{i}.jpg", "train", 224, 224, seg_size, seg_size]
+        if not (data / "images" / f"img{i}.jpg").exists():
+            os.link(placeholder, data / "images" / f"img{i}.jpg")
+        used = 0
+        for category in ("color", "object", "part", "material"):
+            count = {"color": 1, "object": int(rng.random() < 0.9),
+                     "part": int(rng.choice([0, 0, 0, 1, 2])),
+                     "material": int(rng.random() < 0.5)}[category]
+            files = []
+            for k in range(count):
+                low_map = region_map(rng, low, cats[category], int(rng.integers(3, 12)),
+                                     empty=0.3 if category != "color" else 0.0)
+                name = f"seg/img{i}_{category}{k}.png"
+                write_png(data / "images" / name, np.kron(low_map, np.ones((BLOCK, BLOCK),
+                                                                          np.int64)))
+                files.append(name)
+                layers[i, used] = low_map
+                used += 1
+            row.append(";".join(files))
+        row.append(str(int(rng.choice(cats["scene"]))) if rng.random() < 0.95 else "")
+        row.append(str(int(rng.choice(cats["texture"]))) if rng.random() < 0.1 else "")
+        index_rows.append(row)
+    write_csv(data / "index.csv",
+              ["image", "split", "ih", "iw", "sh", "sw", "color", "object", "part", "material",
+               "scene", "texture"], index_rows)
+    np.save(workdir / "layers.npy", layers)
+    return data
+
+
+def write_cache(path: Path, layers: np.ndarray, n_units: int, size: int, seg_size: int,
+                n_labels: int, seed: int = 0) -> None:
+    """The activation cache of a (n_units, size, size) layer over the images of ``layers``."""
+    rng = np.random.default_rng([seed, n_units, size])
+    cats = category_labels(n_labels)
+    n_images = len(layers)
     scale = seg_size // size                  # seg pixels per activation cell (16 for 112 / 7)
     preferred = rng.choice(np.concatenate([cats["object"], cats["part"], cats["color"],
                                            cats["material"]]), size=n_units)
     gain = rng.uniform(2.0, 6.0, size=n_units)
-    cache = workdir / "cache" / "layer.h5"
-    cache.parent.mkdir(exist_ok=True)
     batch = 32
-    index_rows = []
-    with h5py.File(cache, "w") as file:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    with h5py.File(partial, "w") as file:
         acts_d = file.create_dataset("acts", (n_images, n_units, size, size), np.float16,
                                      chunks=(batch, n_units, size, size))
         amax_d = file.create_dataset("amax", (n_images, n_units), np.float32)
@@ -154,50 +204,27 @@ def generate(workdir: Path, n_images: int, n_units: int, size: int, seg_size: in
             stop = min(start + batch, n_images)
             block = np.empty((stop - start, n_units, size, size), np.float32)
             for i in range(start, stop):
-                row = [f"img{i}.jpg", "train", 224, 224, seg_size, seg_size]
-                os.link(placeholder, data / "images" / f"img{i}.jpg") \
-                    if not (data / "images" / f"img{i}.jpg").exists() else None
-                layers = []
-                for category in ("color", "object", "part", "material"):
-                    count = {"color": 1, "object": int(rng.random() < 0.9),
-                             "part": int(rng.choice([0, 0, 0, 1, 2])),
-                             "material": int(rng.random() < 0.5)}[category]
-                    files = []
-                    for k in range(count):
-                        low_map = region_map(rng, low, cats[category], int(rng.integers(3, 12)),
-                                             empty=0.3 if category != "color" else 0.0)
-                        name = f"seg/img{i}_{category}{k}.png"
-                        write_png(data / "images" / name,
-                                  np.kron(low_map, np.ones((BLOCK, BLOCK), np.int64)))
-                        files.append(name)
-                        layers.append(low_map)
-                    row.append(";".join(files))
-                row.append(str(int(rng.choice(cats["scene"]))) if rng.random() < 0.95 else "")
-                row.append(str(int(rng.choice(cats["texture"]))) if rng.random() < 0.1 else "")
-                index_rows.append(row)
                 # unit response: fraction of each activation cell covered by the preferred label
                 cover = np.zeros((n_units, size, size))
-                for low_map in layers:
+                for low_map in layers[i]:
+                    if not low_map.any():
+                        continue
                     if scale % BLOCK == 0:               # cells are whole blocks: work at low res
                         cells, per = low_map[: size * scale // BLOCK, : size * scale // BLOCK], \
                             scale // BLOCK
-                    else:
-                        cells, per = np.kron(low_map, np.ones((BLOCK, BLOCK), np.int64))[
-                            : size * scale, : size * scale], scale
+                    else:                                # cells are 1/k of a block
+                        cells, per = low_map.repeat(BLOCK // scale, 0).repeat(BLOCK // scale, 1), 1
                     hit = cells[None] == preferred[:, None, None]
                     cover += hit.reshape(n_units, size, per, size, per).mean(axis=(2, 4))
                 noise = smooth(rng.gamma(1.5, 0.4, size=(n_units, size, size)))
                 block[i - start] = gain[:, None, None] * cover + noise
             acts_d[start:stop] = block.astype(np.float16)
             amax_d[start:stop] = block.astype(np.float16).reshape(stop - start, n_units, -1).max(-1)
-        file.attrs["fingerprint"] = json.dumps({"layer": "layer"})
+        file.attrs["fingerprint"] = json.dumps({"layer": f"layer_{n_units}x{size}"})
         file.attrs["schema_version"] = 1
         file.attrs["n_written"] = n_images
         file.attrs["complete"] = True
-    write_csv(data / "index.csv",
-              ["image", "split", "ih", "iw", "sh", "sw", "color", "object", "part", "material",
-               "scene", "texture"], index_rows)
-    return data, cache
+    partial.rename(path)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -218,6 +245,14 @@ def warm_worker(_: int) -> None:
 
     torch.cuda.is_available()
     time.sleep(0.5)
+
+
+def set_prefilter(choice: str) -> None:
+    """Make ``count_iou``'s default ``prefilter`` ``choice`` ('on', 'off' or 'auto') in this
+    process (the threads and synchronous schedulers run its tasks here)."""
+    from dissect.stats import iou
+
+    iou.count_iou.__kwdefaults__["prefilter"] = {"on": True, "off": False, "auto": None}[choice]
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -254,6 +289,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             dataset.load_segmentations(range(a, min(a + chunk, n)))
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     else:
+        set_prefilter(args.prefilter)
         with scheduler_context(args.scheduler, args.workers) as setup:
             pool = setup.compute_kwargs.get("pool")
             if pool is not None:                     # start the workers outside the timing
@@ -268,7 +304,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                         chunk_size=chunk, scheduler=setup)
                 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
                 check = [int(counts.intersection.sum()), int(counts.act_area.sum()),
-                         int(counts.label_area.sum())]
+                         int(counts.label_area.sum()),
+                         int((counts.intersection * np.arange(1, counts.intersection.size + 1)
+                              .reshape(counts.intersection.shape)).sum() % (2 ** 61 - 1))]
     own, children = peak_rss_mb()
     return {"seconds": seconds, "cpu": cpu, "n": n, "rss_mb": own, "child_rss_mb": children,
             "check": check}
@@ -308,10 +346,10 @@ def thread_scaling(reader: Any, dataset: Any, chunk: int, thresholds_path: str
 
 
 def run_once(script: Path, common: list[str], what: str, scheduler: str = "threads",
-             workers: int = 1) -> dict[str, Any]:
+             workers: int = 1, prefilter: str = "auto") -> dict[str, Any]:
     """One measurement in a fresh subprocess."""
     command = [sys.executable, str(script), "--measure", what, "--scheduler", scheduler,
-               "--workers", str(workers), *common]
+               "--workers", str(workers), "--prefilter", prefilter, *common]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -324,36 +362,183 @@ def fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def paired(runs: dict[str, list[dict[str, Any]]], top: str, bottom: str) -> str:
-    """Ratio of the fastest runs, and the median and range of the per-round ratios."""
-    best = fastest(runs[top])["seconds"] / fastest(runs[bottom])["seconds"]
-    rounds = [a["seconds"] / b["seconds"] for a, b in zip(runs[top], runs[bottom])]
-    if len(rounds) == 1:
-        return f"{best:.2f}"
-    return (f"{best:.2f} (per round: median {np.median(rounds):.2f}, "
-            f"{min(rounds):.2f}-{max(rounds):.2f})")
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'512x7,128x28' -> [(512, 7), (128, 28)] (units x map side)."""
+    shapes = []
+    for part in text.split(","):
+        units, _, side = part.strip().partition("x")
+        shapes.append((int(units), int(side)))
+    return shapes
+
+
+def measure_shape(script: Path, workdir: Path, data: Path, units: int, size: int,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement of one layer shape; returns ms/image per measurement and more."""
+    from dissect.stats.iou import prefilter_applies, prefilter_default
+
+    cache = workdir / "cache" / f"layer_{units}x{size}.h5"
+    thresholds = workdir / f"thresholds_{units}x{size}.npy"
+    common = ["--cache", str(cache), "--data", str(data), "--thresholds", str(thresholds)]
+    if args.chunk_size:
+        common += ["--chunk-size", str(args.chunk_size)]
+    plan = [("floor", "floor", "threads", 1, "auto")]
+    plan += [(f"thresholds x{k}", "thresholds", "threads", k, "auto") for k in (1, 2)]
+    plan += [(f"counting x{k} prefilter {p}", "tally", "threads", k, p)
+             for p in ("off", "on") for k in (1, 2)]
+    plan += [(f"counting {s} x{k}", "tally", s, k, "auto")
+             for s in args.schedulers.split(",") if s != "threads" for k in (1, 2)]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in plan}
+    # Rounds run every measurement once, in order: a slow spell of a shared machine then
+    # affects one round's measurements together.
+    for _ in range(args.repeat):
+        for name, what, scheduler, workers, prefilter in plan:
+            runs[name].append(run_once(script, common, what, scheduler, workers, prefilter))
+    best = {name: fastest(done) for name, done in runs.items()}
+    n = best["floor"]["n"]
+    with h5py.File(cache, "r") as file:
+        amax = file["amax"][()]
+    active = amax > np.load(thresholds)[None, :]
+    checks = {tuple(r["check"]) for name, done in runs.items() if name.startswith("counting")
+              for r in done}
+    uses = prefilter_applies((size, size), (args.seg_size, args.seg_size))
+    auto = prefilter_default((size, size), (args.seg_size, args.seg_size))
+    out: dict[str, Any] = {
+        "n": n, "ms": {name: 1000 * r["seconds"] / n for name, r in best.items()},
+        "cpu_ms": {name: 1000 * r["cpu"] / n for name, r in best.items()},
+        "rss_mb": max(max(r["rss_mb"], r["child_rss_mb"]) for r in best.values()),
+        "rounds": {name: [1000 * r["seconds"] / n for r in done] for name, done in runs.items()},
+        "active": float(active.mean()), "identical": len(checks) == 1,
+        "tiles": uses, "auto": "on" if (auto and uses) else "off",
+    }
+    if args.diagnostics:
+        command = [sys.executable, str(script), "--measure", "scaling", *common]
+        out["scaling"] = json.loads(subprocess.run(command, check=True, capture_output=True,
+                                                   text=True).stdout.strip().splitlines()[-1])
+    return out
+
+
+def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[str, Any]],
+           args: argparse.Namespace) -> None:
+    """Print the shapes side by side."""
+    names = [f"{u}x{s}x{s}" for u, s in shapes]
+    width = max(11, *(len(name) + 1 for name in names))
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(label: str, values: list[str]) -> None:
+        rows.append((label, values))
+
+    def ms(key: str) -> list[float]:
+        return [results[s]["ms"][key] for s in shapes]
+
+    def chosen(k: int) -> list[float]:
+        return [results[s]["ms"][f"counting x{k} prefilter {results[s]['auto']}"]
+                for s in shapes]
+
+    floor = ms("floor")
+    fmt = [f"{v:.2f}" for v in floor]
+    row("floor (read cache + label maps once), ms/img", fmt)
+    for k in (1, 2):
+        row(f"thresholds x{k}, ms/img", [f"{v:.2f}" for v in ms(f"thresholds x{k}")])
+    for p in ("off", "on"):
+        for k in (1, 2):
+            row(f"counting x{k} prefilter {p}, ms/img",
+                [f"{v:.2f}" for v in ms(f"counting x{k} prefilter {p}")])
+    for scheduler in args.schedulers.split(","):
+        if scheduler != "threads":
+            for k in (1, 2):
+                row(f"counting {scheduler} x{k} (default), ms/img",
+                    [f"{v:.2f}" for v in ms(f"counting {scheduler} x{k}")])
+    for p in ("off", "on"):
+        row(f"counting x1 prefilter {p}, CPU ms/img",
+            [f"{results[s]['cpu_ms'][f'counting x1 prefilter {p}']:.2f}" for s in shapes])
+    row("prefilter applies (dyadic, >= one tile window)",
+        ["yes" if results[s]["tiles"] else "no" for s in shapes])
+    row("count_iou default (prefilter=None) takes", [results[s]["auto"] for s in shapes])
+    for k in (1, 2):
+        row(f"counting x{k}: prefilter on / off",
+            [f"{a / b:.2f}" for a, b in zip(ms(f"counting x{k} prefilter on"),
+                                            ms(f"counting x{k} prefilter off"))])
+    cpu_on, cpu_off = ([results[s]["cpu_ms"][f"counting x1 prefilter {p}"] for s in shapes]
+                       for p in ("on", "off"))
+    row("counting x1: prefilter on / off, CPU time",
+        [f"{a / b:.2f}" for a, b in zip(cpu_on, cpu_off)])
+    for k in (1, 2):
+        row(f"thresholds x{k} / floor",
+            [f"{a / b:.2f}" for a, b in zip(ms(f"thresholds x{k}"), floor)])
+        row(f"counting x{k} (default) / floor",
+            [f"{a / b:.2f}" for a, b in zip(chosen(k), floor)])
+        row(f"thresholds + counting x{k} (default) / floor",
+            [f"{(a + c) / b:.2f}" for a, c, b in zip(ms(f"thresholds x{k}"), chosen(k), floor)])
+    row("1 worker / 2 workers: thresholds",
+        [f"{a / b:.2f}" for a, b in zip(ms("thresholds x1"), ms("thresholds x2"))])
+    row("1 worker / 2 workers: counting (default)",
+        [f"{a / b:.2f}" for a, b in zip(chosen(1), chosen(2))])
+    row("active (image, unit) pairs, %", [f"{100 * results[s]['active']:.1f}" for s in shapes])
+    row("identical counts in every counting run",
+        ["yes" if results[s]["identical"] else "NO" for s in shapes])
+    row("peak RSS of any measurement, MB", [f"{results[s]['rss_mb']:.0f}" for s in shapes])
+    label_width = max(len(label) for label, _ in rows) + 2
+    print(f"{'':{label_width}s}" + "".join(f"{name:>{width}s}" for name in names))
+    for label, values in rows:
+        print(f"{label:{label_width}s}" + "".join(f"{v:>{width}s}" for v in values))
+    if args.repeat > 1:
+        for s, name in zip(shapes, names):
+            print(f"every round, ms/image, {name}: " + "; ".join(
+                f"{key} " + " ".join(f"{v:.2f}" for v in values)
+                for key, values in results[s]["rounds"].items()))
+    reference = NETDISSECT_LITE["shape"]
+    if reference in results:
+        r = results[reference]
+        quantile, tally = NETDISSECT_LITE["quantile"], NETDISSECT_LITE["tally"]
+        print(f"NetDissect-Lite on {reference[0]}x{reference[1]}x{reference[1]}: {quantile} s "
+              f"quantile + {tally} s tally per 1000 images = {quantile + tally:.1f} ms/image "
+              "(issue 14's figures on a 2-core machine, NOT measured here)")
+        for k in (1, 2):
+            ours_t = r["ms"][f"thresholds x{k}"]
+            ours_c = r["ms"][f"counting x{k} prefilter {r['auto']}"]
+            print(f"  dissect, {k} worker(s): thresholds {ours_t:.2f} + counting {ours_c:.2f} = "
+                  f"{ours_t + ours_c:.2f} ms/image; NetDissect-Lite / dissect: thresholds "
+                  f"{quantile / ours_t:.1f}x, counting {tally / ours_c:.1f}x, both "
+                  f"{(quantile + tally) / (ours_t + ours_c):.1f}x")
+    if args.diagnostics:
+        for s, name in zip(shapes, names):
+            scaling = results[s]["scaling"]
+            parts = []
+            for key, what in (("segs", "load_segmentations"), ("count", "count_iou")):
+                one, two = scaling[f"{key} x1"], scaling[f"{key} x2"]
+                parts.append(f"{what} {1000 * one / scaling['n']:.2f} ms/image, "
+                             f"1-thread/2-thread {one / two:.2f}")
+            print(f"thread pool diagnostics, {name}: " + "; ".join(parts))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-images", type=int, default=2000)
-    parser.add_argument("--units", type=int, default=512)
-    parser.add_argument("--size", type=int, default=7)
+    parser.add_argument("--n-images", type=int, default=1000)
+    parser.add_argument("--shapes", default=SHAPES,
+                        help=f"comma-separated UNITSxSIDE layer shapes (default {SHAPES})")
     parser.add_argument("--seg-size", type=int, default=112)
-    parser.add_argument("--labels", type=int, default=1000)
+    parser.add_argument("--labels", type=int, default=40,
+                        help="about this many labels in 6 categories (default 40, as in the "
+                             "issue's NetDissect-Lite comparison)")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="images per Dask task (default: dissect.parallel's default)")
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep the generated data here (default: a temporary directory)")
-    parser.add_argument("--schedulers", default="threads,processes")
+                        help="keep the generated data here and reuse it (default: a temporary "
+                             "directory)")
+    parser.add_argument("--schedulers", default="threads",
+                        help="'threads' (always measured, prefilter off and on) and optionally "
+                             "'processes' (count_iou's default prefilter choice)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of every measurement: prints the fastest run of each and "
-                             "the per-round ratios (for shared, noisy machines)")
+                             "every round (for shared, noisy machines)")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also time load_segmentations and count_iou alone in a thread pool")
     # internal: one measurement in a subprocess
     parser.add_argument("--measure", default=None,
                         choices=["imports", "floor", "thresholds", "tally", "scaling"])
     parser.add_argument("--scheduler", default="threads")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--prefilter", default="auto", choices=["on", "off", "auto"])
     parser.add_argument("--cache", default=None)
     parser.add_argument("--data", default=None)
     parser.add_argument("--thresholds", default=None)
@@ -363,82 +548,45 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args)))
         return
+    shapes = parse_shapes(args.shapes)
 
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        cache = workdir / "cache" / "layer.h5"
+        meta = {"n_images": args.n_images, "seg_size": args.seg_size, "labels": args.labels,
+                "version": 2}
+        meta_path = workdir / "bench_tally.json"
         data = workdir / "dataset"
-        made = "reused"
-        if not (cache.exists() and (data / "index.csv").exists()):
-            data, cache = generate(workdir, args.n_images, args.units, args.size, args.seg_size,
-                                   args.labels)
-            made = f"generated in {time.perf_counter() - start:.1f} s"
-        with h5py.File(cache, "r") as file:
-            amax, shape = file["amax"][()], file["acts"].shape
-        print(f"{shape[0]} images, {shape[1]} units at {shape[2]}x{shape[3]}, "
-              f"{args.seg_size}x{args.seg_size} PNG label maps, ~{args.labels} labels: {made} "
+        start = time.perf_counter()
+        made = []
+        if not meta_path.exists() or json.loads(meta_path.read_text()) != meta:
+            for old in (workdir / "cache").glob("layer_*.h5"):
+                old.unlink()
+            generate_dataset(workdir, args.n_images, args.seg_size, args.labels)
+            meta_path.write_text(json.dumps(meta))
+            made.append("label maps")
+        layers = np.load(workdir / "layers.npy")
+        for units, size in shapes:
+            cache = workdir / "cache" / f"layer_{units}x{size}.h5"
+            if not cache.exists():
+                write_cache(cache, layers, units, size, args.seg_size, args.labels)
+                made.append(f"{units}x{size}")
+        print(f"{args.n_images} images, {args.seg_size}x{args.seg_size} PNG label maps, "
+              f"~{args.labels} labels in 6 categories; generated "
+              f"{', '.join(made) or 'nothing (reused)'} in {time.perf_counter() - start:.1f} s "
               f"({workdir})")
-        thresholds = workdir / "thresholds.npy"
-        common = ["--cache", str(cache), "--data", str(data), "--thresholds", str(thresholds)]
-        if args.chunk_size:
-            common += ["--chunk-size", str(args.chunk_size)]
         script = Path(__file__).resolve()
         load_before = f"{os.getloadavg()[0]:.2f}"
-        plan = [("floor", "floor", "threads", 1)]
-        plan += [(f"thresholds threads x{k}", "thresholds", "threads", k) for k in (1, 2)]
-        plan += [(f"tally {scheduler} x{k}", "tally", scheduler, k)
-                 for scheduler in args.schedulers.split(",") for k in (1, 2)]
-        # Rounds run every measurement once, in order: a slow spell of a shared machine then
-        # affects one round's measurements together, and per-round ratios stay comparable.
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in plan}
-        imports = run_once(script, common, "imports")
-        for _ in range(args.repeat):
-            for name, what, scheduler, workers in plan:
-                runs[name].append(run_once(script, common, what, scheduler, workers))
-        results = {name: fastest(done) for name, done in runs.items()}
-        n = results["floor"]["n"]
-        active = amax > np.load(thresholds)[None, :]
-        print(f"active (image, unit) pairs (max > threshold): {100 * active.mean():.1f}%, "
-              f"{active.sum() / n:.1f} maps of {shape[1]} upsampled per image")
-        print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f} "
-              f"on {os.cpu_count()} cores; fastest of {args.repeat} round(s)")
-        print(f"{'measurement':26s} {'ms/image':>9s} {'cpu ms/image':>13s} {'peak RSS MB':>12s} "
-              f"{'pool RSS MB':>12s}")
-        for name, r in results.items():
-            cpu = f"{1000 * r['cpu'] / n:13.2f}" if "processes" not in name else f"{'-':>13s}"
-            pool = f"{r['child_rss_mb']:12.0f}" if "processes" in name else f"{'-':>12s}"
-            print(f"{name:26s} {1000 * r['seconds'] / n:9.2f} {cpu} {r['rss_mb']:12.0f} {pool}")
-        if args.repeat > 1:
-            print("every round, ms/image: " + "; ".join(
-                f"{name} " + " ".join(f"{1000 * r['seconds'] / n:.2f}" for r in done)
-                for name, done in runs.items()))
-        checks = {tuple(r["check"]) for name, done in runs.items() if name.startswith("tally")
-                  for r in done}
-        print(f"identical counts in every tally run: {len(checks) == 1}")
-        print(f"thresholds: thresholds/floor "
-              f"{paired(runs, 'thresholds threads x1', 'floor')}; 1-worker/2-worker "
-              f"{paired(runs, 'thresholds threads x1', 'thresholds threads x2')}")
-        for scheduler in args.schedulers.split(","):
-            one, two = f"tally {scheduler} x1", f"tally {scheduler} x2"
-            cpu_ratio = (f", cpu tally/floor {results[one]['cpu'] / results['floor']['cpu']:.2f}"
-                         if scheduler == "threads" else "")
-            print(f"tally {scheduler}: tally/floor (1 worker) {paired(runs, one, 'floor')}"
-                  f"{cpu_ratio}; 1-worker/2-worker {paired(runs, one, two)}")
-        peak = max(max(r["rss_mb"], r["child_rss_mb"] if "processes" in name else 0)
-                   for name, r in results.items())
-        print(f"largest peak RSS of any process: {peak:.0f} MB (a process that only imports "
-              f"dissect, torch and dask: {imports['rss_mb']:.0f} MB)")
-        command = [sys.executable, str(script), "--measure", "scaling", *common]
-        scaling = json.loads(subprocess.run(command, check=True, capture_output=True,
-                                            text=True).stdout.strip().splitlines()[-1])
-        parts = []
-        for name, what in (("segs", "load_segmentations"), ("count", "count_iou")):
-            one, two = scaling[f"{name} x1"], scaling[f"{name} x2"]
-            parts.append(f"{what} {1000 * one / scaling['n']:.2f} ms/image, 1-thread/2-thread "
-                         f"{one / two:.2f}")
-        print("thread pool diagnostics: " + "; ".join(parts))
+        results = {}
+        for units, size in shapes:
+            began = time.perf_counter()
+            results[(units, size)] = measure_shape(script, workdir, data, units, size, args)
+            print(f"  measured {units}x{size}x{size} in {time.perf_counter() - began:.0f} s",
+                  flush=True)
+        print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f} on "
+              f"{os.cpu_count()} cores; fastest of {args.repeat} round(s); threads scheduler; "
+              "xK = K workers; 'default' = count_iou's automatic prefilter choice")
+        report(shapes, results, args)
 
 
 if __name__ == "__main__":

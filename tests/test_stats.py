@@ -194,11 +194,11 @@ def test_hand_case_label_area_and_intersection() -> None:
     acts, seg, image_labels, thresholds = hand_case()
     counts = count_iou(acts, seg, image_labels, thresholds, PRIMARY, 4, "touched")
     expected_area = {1: 10, 2: 16, 3: 6, 4: 3, 5: 2, 6: 32, 7: 16, 300: 5}
-    assert {int(l): int(v) for l, v in enumerate(counts.label_area) if v} == expected_area
+    assert {int(label): int(v) for label, v in enumerate(counts.label_area) if v} == expected_area
     unit0 = {1: 4, 2: 4, 3: 2, 4: 2, 5: 1, 6: 8, 7: 4, 300: 1}
     unit1 = {3: 1, 4: 1, 6: 1, 7: 4}
     for u, expected in enumerate([unit0, unit1]):
-        got = {int(l): int(v) for l, v in enumerate(counts.intersection[u]) if v}
+        got = {int(label): int(v) for label, v in enumerate(counts.intersection[u]) if v}
         assert got == expected
 
 
@@ -450,7 +450,27 @@ def test_prefilter_applies_only_to_dyadic_enlargement_on_the_cpu() -> None:
     assert not prefilter_applies((28, 28), (84, 84))        # factor 3
     assert not prefilter_applies((224, 224), (112, 112))    # shrinking: antialiased
     assert not prefilter_applies((28, 28), (112, 112), device="meta")
-    assert not prefilter_applies((7, 7), (112, 112))        # small: the full path is faster
+    assert prefilter_applies((14, 14), (112, 112))
+    assert not prefilter_applies((7, 7), (112, 112))        # smaller than one tile's window
+
+
+def test_hot_tiles_equal_a_max_pooling_of_the_windows() -> None:
+    from dissect.stats.iou import _hot_tiles
+
+    rng = np.random.default_rng(5)
+    for (h, w), cells in [((28, 28), 8), ((14, 14), 8), ((56, 28), 8), ((9, 17), 8),
+                          ((28, 28), 3), ((29, 30), 4)]:
+        values = rng.standard_normal((12, h, w)).astype(np.float32)
+        cutoff = np.full(12, 2.0, np.float32)
+        cutoff[:2] = -10.0                                  # every tile hot
+        cutoff[2] = 10.0                                    # none
+        tiles = (-(-(h - 1) // cells), -(-(w - 1) // cells))
+        expected = np.zeros((12, *tiles), bool)
+        for j in range(tiles[0]):
+            for k in range(tiles[1]):
+                window = values[:, j * cells:j * cells + cells + 1, k * cells:k * cells + cells + 1]
+                expected[:, j, k] = (window > cutoff[:, None, None]).any(axis=(1, 2))
+        np.testing.assert_array_equal(_hot_tiles(values, cutoff, cells, tiles), expected)
 
 
 def test_prefilter_gives_way_to_the_full_path_for_non_finite_maps() -> None:
@@ -472,7 +492,7 @@ def test_count_iou_with_and_without_prefilter_is_identical(monkeypatch, shape, s
 
     monkeypatch.setattr(iou_module, "_PREFILTER_MIN_CELLS", 0)
     monkeypatch.setattr(iou_module, "_TILE_CELLS", 4)
-    assert count_iou.__kwdefaults__["prefilter"] is False     # opt-in (see its docstring)
+    assert count_iou.__kwdefaults__["prefilter"] is None      # automatic (prefilter_default)
     rng = np.random.default_rng(11)
     n, units, n_labels = 6, 9, 12
     acts = rng.gamma(1.5, 0.4, size=(n, units, *shape)).astype(np.float16)
@@ -492,6 +512,42 @@ def test_count_iou_with_and_without_prefilter_is_identical(monkeypatch, shape, s
                           prefilter=True)
         assert tiled.equals(full)
         assert full.intersection.sum() > 0
+
+
+@pytest.mark.parametrize("cut_off", [None, 28 * 28])
+def test_count_iou_default_prefilter_choice_per_layer_shape(monkeypatch, cut_off) -> None:
+    # The default (prefilter=None) at the benchmark's four layer shapes onto 112 x 112 labels:
+    # with the measured setting (None: the full path everywhere) and with a size cut-off (small
+    # maps full path, large maps prefilter), the counts equal the full path's.
+    import dissect.stats.iou as iou_module
+
+    monkeypatch.setattr(iou_module, "_PREFILTER_MIN_CELLS", cut_off)
+    calls = []
+    tiled_function = iou_module._tiled_mask_pixels
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return tiled_function(*args, **kwargs)
+
+    monkeypatch.setattr(iou_module, "_tiled_mask_pixels", spy)
+    rng = np.random.default_rng(3)
+    n, n_labels, size = 3, 10, (112, 112)
+    seg = rng.integers(0, n_labels, size=(n, 2, *size)).astype(np.int32)
+    image_labels = rng.integers(0, n_labels, size=(n, 1)).astype(np.int32)
+    primary = rng.integers(-1, 3, size=n_labels)
+    primary[0] = -1
+    for units, side in [(8, 7), (6, 14), (4, 28), (3, 56)]:
+        acts = rng.gamma(1.5, 0.4, size=(n, units, side, side)).astype(np.float16)
+        values = np.moveaxis(acts.astype(np.float32), 1, 0).reshape(units, -1)
+        thresholds = np.quantile(values, 0.98, axis=1)
+        expected_tiles = cut_off is not None and side * side >= cut_off
+        assert iou_module.prefilter_default((side, side), size) == expected_tiles
+        calls.clear()
+        full = count_iou(acts, seg, image_labels, thresholds, primary, 3, prefilter=False)
+        assert not calls
+        chosen = count_iou(acts, seg, image_labels, thresholds, primary, 3)
+        assert bool(calls) == expected_tiles, (side, calls)
+        assert chosen.equals(full) and full.intersection.sum() > 0
 
 
 # ----------------------------------------------------------------------------- quantile, float16

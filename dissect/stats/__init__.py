@@ -11,10 +11,10 @@ from dissect.stats.iou import (
     IoUCounts,
     best_category,
     best_labels,
-    unit_order,
     count_iou,
     iou_from_counts,
     threshold_below,
+    unit_order,
     upsample_maps,
     upsample_pixel_major,
 )

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dissect.config import UNION_RULES
+
 __all__ = [
     "UNION_RULES",
     "IoUCounts",
@@ -22,6 +24,7 @@ __all__ = [
     "upsample_pixel_major",
     "threshold_below",
     "prefilter_applies",
+    "prefilter_default",
     "count_iou",
     "iou_from_counts",
     "best_labels",
@@ -29,8 +32,8 @@ __all__ = [
     "unit_order",
 ]
 
+#: The union rules (``UNION_RULES``, from the one registry in dissect.config), as a type.
 UnionRule = Literal["touched", "annotated", "all"]
-UNION_RULES: tuple[str, ...] = ("touched", "annotated", "all")
 
 # Upsampled maps are processed one image at a time, in batches of at most this many pixels
 # (8 MB of float32).
@@ -201,10 +204,14 @@ def _upsample_padded(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 #: :func:`_tiled_mask_pixels`).
 _PREFILTER_MARGIN = 2.0 ** -18
 
-#: Source cells per tile side of the cell prefilter, and the smallest maps it is used for
-#: (smaller maps take the full path: fewer cells to skip than the prefilter costs).
+#: Source cells per tile side of the cell prefilter.
 _TILE_CELLS = 8
-_PREFILTER_MIN_CELLS = 28 * 28
+#: The smallest maps (h * w values) ``count_iou`` uses the cell prefilter for by default; None:
+#: never. On the 2-core CPU of docs/benchmarks.md ("Tally at four layer shapes") the prefilter
+#: was slower than the full path at every measured shape (256 x 14 x 14, 128 x 28 x 28 and
+#: 64 x 56 x 56 onto 112 x 112; it does not apply to 7 x 7): the tiles' index work costs more
+#: than the upsampling and scan they save, so the default takes the full path everywhere.
+_PREFILTER_MIN_CELLS: int | None = None
 #: Tiles upsampled by one call (as its channels; more made torch's kernel slower per value).
 _TILES_PER_CALL = 512
 
@@ -284,32 +291,63 @@ def _tiles(height: int, width: int, size: tuple[int, int], cells: int
 
 def prefilter_applies(shape: tuple[int, int], size: tuple[int, int],
                       device: str | torch.device = "cpu") -> bool:
-    """Whether ``count_iou(..., prefilter=True)`` uses the cell prefilter for (h, w) maps and
-    (sh, sw) masks.
+    """Whether the cell prefilter can be used for (h, w) maps and (sh, sw) masks
+    (``count_iou(..., prefilter=True)`` then uses it).
 
-    It does on the CPU when both sides enlarge by a power of two (7 -> 112, 28 -> 112,
-    14 x 7 -> 112 x 112, ...) and the map has at least ``_PREFILTER_MIN_CELLS`` values; other
-    ratios (13 -> 56), shrinking (antialiased) and other devices take the full path.
+    It can on the CPU when both sides enlarge by a power of two (28 -> 112, 14 -> 112,
+    28 x 14 -> 112 x 112, ...) and each side has at least ``_TILE_CELLS + 1`` values (a tile's
+    window); other ratios (13 -> 56), maps smaller than a window (7 x 7), shrinking
+    (antialiased) and other devices take the full path.
     """
     height, width = int(shape[0]), int(shape[1])
-    return (torch.device(device).type == "cpu" and height * width >= _PREFILTER_MIN_CELLS
+    return (torch.device(device).type == "cpu"
             and _tiles(height, width, (int(size[0]), int(size[1])), _TILE_CELLS) is not None)
 
 
-def _window_max(values: np.ndarray, cells: int, axis: int) -> np.ndarray:
-    """Maxima of ``values`` over the rows ``[j * cells, j * cells + cells]`` (clipped) of
-    ``axis``, j = 0 .. ceil((n - 1) / cells) - 1: a max pooling of kernel cells + 1, stride
-    cells (the rows a tile's owned output pixels read)."""
-    n = values.shape[axis]
-    starts = np.arange(0, n - 1, cells)
-    blocks = np.maximum.reduceat(values, starts, axis=axis)     # rows [start_j, start_j+1)
-    # ... and the first row of the next block
-    edge = [slice(None)] * values.ndim
-    inner = [slice(None)] * values.ndim
-    edge[axis], inner[axis] = slice(cells, n, cells), slice(0, len(starts) - 1)
-    following = values[tuple(edge)]
-    np.maximum(blocks[tuple(inner)], following[tuple(inner)], out=blocks[tuple(inner)])
-    return blocks
+def prefilter_default(shape: tuple[int, int], size: tuple[int, int],
+                      device: str | torch.device = "cpu") -> bool:
+    """Whether ``count_iou(..., prefilter=None)`` (the default) uses the cell prefilter: where it
+    applies (:func:`prefilter_applies`) to maps of at least ``_PREFILTER_MIN_CELLS`` values.
+
+    The cut-off comes from scripts/bench_tally.py (docs/benchmarks.md, "Tally at four layer
+    shapes"); where the prefilter was measured slower, as it was at every shape so far, it is
+    None and the default is the full path.
+    """
+    return (_PREFILTER_MIN_CELLS is not None
+            and int(shape[0]) * int(shape[1]) >= _PREFILTER_MIN_CELLS
+            and prefilter_applies(shape, size, device))
+
+
+def _hot_tiles(values: np.ndarray, cutoff: np.ndarray, cells: int, n_tiles: tuple[int, int]
+               ) -> np.ndarray:
+    """bool (B, ty, tx): tiles j, k of (B, h, w) ``values`` whose window, source rows
+    ``[j * cells, j * cells + cells]`` and columns ``[k * cells, k * cells + cells]`` (clipped to
+    the map), holds a value above the map's ``cutoff`` (float32 (B,)).
+
+    The values above the cut-off are few (about 1 in 200 at q = 0.005): they are found with one
+    comparison pass and each marks the <= 2 x 2 tiles whose windows hold it (a value on a tile
+    border row or column belongs to both neighbours' windows), which is cheaper than a max
+    pooling over every value.
+    """
+    n_maps, height, width = values.shape
+    hot = np.zeros((n_maps, *n_tiles), dtype=bool)
+    which, position = np.nonzero(values.reshape(n_maps, height * width) > cutoff[:, None])
+    if len(which) == 0:
+        return hot
+    row, column = np.divmod(position, width)
+    for tile_y in _tiles_holding(row, cells, n_tiles[0]):
+        for tile_x in _tiles_holding(column, cells, n_tiles[1]):
+            hot[which, tile_y, tile_x] = True
+    return hot
+
+
+def _tiles_holding(index: np.ndarray, cells: int, n_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two tiles (possibly the same) whose windows hold source row ``index``: its own tile
+    ``index // cells`` (the last tile for the map's last row) and, for a row on a tile border
+    (``index % cells == 0``), the previous tile, whose window ends there."""
+    tile, offset = np.divmod(index, cells)
+    previous = np.where((offset == 0) & (tile > 0), tile - 1, tile)
+    return np.minimum(tile, n_tiles - 1), np.minimum(previous, n_tiles - 1)
 
 
 def _tiled_mask_pixels(maps: torch.Tensor, below: np.ndarray, size: tuple[int, int],
@@ -362,10 +400,8 @@ def _tiled_mask_pixels(maps: torch.Tensor, below: np.ndarray, size: tuple[int, i
         return None
     cutoff = threshold_below(below.astype(np.float64) - _PREFILTER_MARGIN * largest)
     # A tile is hot when a value its owned pixels read exceeds the cut-off: the source rows
-    # [j * cells, j * cells + cells] (clipped to the map) for tile j, and the same for columns,
-    # which is a max pooling of kernel cells + 1 and stride cells.
-    pooled = _window_max(_window_max(values, cells, axis=1), cells, axis=2)       # (B, ty, tx)
-    hot_tiles = pooled > cutoff[:, None, None]
+    # [j * cells, j * cells + cells] (clipped to the map) for tile j, and the same for columns.
+    hot_tiles = _hot_tiles(values, cutoff, cells, (len(rows.start), len(columns.start)))
     which, tile_y, tile_x = np.nonzero(hot_tiles)                               # (T,) each
     if len(which) == 0:
         return empty
@@ -529,7 +565,7 @@ def count_iou(
     union: UnionRule = "touched",
     device: str | torch.device | None = None,
     *,
-    prefilter: bool = False,
+    prefilter: bool | None = None,
 ) -> IoUCounts:
     """IoU counts of one chunk of images (DESIGN.md §3 steps 2-3).
 
@@ -565,11 +601,12 @@ def count_iou(
         Torch device for the per-pixel work; default the device of ``acts`` when it is a
         tensor, else the CPU.
     prefilter:
-        True: use the exact cell prefilter where it applies (:func:`prefilter_applies`): only
-        the tiles of a map that can hold a mask pixel are upsampled, with the full resize's
-        values (see :func:`_tiled_mask_pixels`). The counts are identical either way. Off by
-        default: on the 2-core CPU it was measured on (scripts/bench_tally.py), the tiles' index
-        work cost as much as the upsampling and scan they save.
+        The exact cell prefilter (:func:`_tiled_mask_pixels`): only the tiles of a map that can
+        hold a mask pixel are upsampled, with the full resize's values, so the counts are
+        identical either way. True: use it wherever it applies (:func:`prefilter_applies`);
+        False: never; None (default): where it was measured faster
+        (:func:`prefilter_default`, by map size; at present nowhere: on the CPU it was measured
+        slower than the full path at 14 x 14, 28 x 28 and 56 x 56 onto 112 x 112).
 
     Returns
     -------
@@ -620,6 +657,8 @@ def count_iou(
     pair_image, pair_unit = pair_image_t.cpu().numpy(), pair_unit_t.cpu().numpy()
     on_host = dev.type == "cpu"
     chunk_which = chunk_pixels = None
+    if prefilter is None:
+        prefilter = prefilter_default((h, w), (sh, sw), dev)
     if prefilter and prefilter_applies((h, w), (sh, sw), dev):
         # every active map of the chunk at once: (pair index, pixel) of its mask pixels
         found = _tiled_mask_pixels(

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import stats as scipy_stats
 
-from dissect.stats.iou import IoUCounts, iou_from_counts, threshold_below, upsample_maps
+from dissect.stats.iou import IoUCounts, threshold_below, upsample_maps
 
 __all__ = [
     "ImageMasks",
