@@ -95,14 +95,18 @@ def run_once(script: Path, what: str, cache: Path, data: Path, thresholds: Path,
 
 
 def prepare(workdir: Path, n_images: int, args: argparse.Namespace) -> tuple[Path, Path, str]:
-    from bench_tally import generate
+    import numpy as np
+    from bench_tally import generate_dataset, write_cache
 
     cache, data = workdir / "cache" / "layer.h5", workdir / "dataset"
     if cache.exists() and (data / "index.csv").exists():
         return data, cache, "reused"
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    data, cache = generate(workdir, n_images, args.units, args.size, args.seg_size, args.labels)
+    data = generate_dataset(workdir, n_images, args.seg_size, args.labels)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_cache(cache, np.load(workdir / "layers.npy"), args.units, args.size, args.seg_size,
+                args.labels)
     return data, cache, f"generated in {time.perf_counter() - start:.1f} s"
 
 
