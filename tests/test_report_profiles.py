@@ -68,3 +68,23 @@ def test_without_an_ablation_a_profile_has_no_units_and_a_bad_file_is_named(
     (run.class_profiles_dir / "broken.json").write_text('{"layer": "conv4"}')
     with pytest.raises(CacheError, match="broken.json"):
         class_profiles(tmp_path, "conv4", ["oven"])
+
+
+@pytest.mark.filterwarnings("ignore::dissect.record.recorder.SmallMapsWarning")  # 'head' is 1x1
+def test_the_layer_page_states_how_token_outputs_became_unit_maps(toy_dataset: Path,
+                                                                   tmp_path: Path) -> None:
+    import torch
+
+    from dissect.data import IMAGENET_MEAN, IMAGENET_STD, BrodenDataset
+    from dissect.record import record_activations
+    from dissect.report.data import unit_layout_text
+    from tests.test_ablation import tiny_token_model
+
+    torch.manual_seed(0)
+    record_activations(tiny_token_model(), BrodenDataset(toy_dataset), ["mlp", "head"], tmp_path,
+                       mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size=24, progress=False)
+    # 64x64 toy images, 2x2 patches: 32x32 patch tokens after one class token, 6 channels
+    assert unit_layout_text(tmp_path, "mlp") == (
+        "tokens: output (1025x6) per image -> 6 units of 32x32 maps (1 leading class/register "
+        "token left out)")
+    assert unit_layout_text(tmp_path, "head") == "flat: output (2) per image -> 2 units of 1x1 maps"

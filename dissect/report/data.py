@@ -643,6 +643,28 @@ def layer_results(run_dir: Path, layer: str, n_units: int, metric: str) -> dict[
     return out
 
 
+def unit_layout_text(run_dir: str | Path, layer: str) -> str | None:
+    """How the layer's output became unit maps, from its cache's ``unit_layout`` (None for a
+    cache without one): e.g. ``tokens: output (197, 768) -> 768 units of 14x14 maps (1 leading
+    class/register token left out)``."""
+    from dissect.record import open_cache
+
+    layout = open_cache(RunDir(run_dir).cache(layer)).unit_layout
+    if not layout:
+        return None
+    try:
+        shape = "x".join(str(int(v)) for v in layout["output_shape"])
+        grid = "x".join(str(int(v)) for v in layout["grid"])
+        text = (f"{layout['layout']}: output ({shape}) per image -> {int(layout['units'])} units "
+                f"of {grid} maps")
+        drop = int(layout.get("drop_tokens") or 0)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if drop:
+        text += f" ({drop} leading class/register token{'s' if drop > 1 else ''} left out)"
+    return text
+
+
 #: Concepts and units listed per class profile.
 TOP_PROFILE = 5
 
@@ -793,6 +815,7 @@ def build_report_data(
                           image_level=image_level, **results)
         data["class_profiles"] = class_profiles(
             run_dir, layer, [u["label"] for u in data["units"]], ablation_metric)
+        data["unit_layout"] = unit_layout_text(run_dir, layer)
         for c in data["categories"]:
             if c not in categories:
                 categories.append(c)
