@@ -34,6 +34,16 @@ Usage::
     python scripts/bench_tally.py --shapes 128x28     # one shape
     python scripts/bench_tally.py --repeat 3          # 3 rounds: fastest run of each
 
+``--breakdown`` (default ``on``; ``only`` measures nothing else; ``off``) times, per shape in one
+more subprocess (one torch thread, the chunks in turn), the parts of the counting, each next to
+its own floor on the same inputs: label PNG decoding (``load_segmentations`` / PIL decoding of
+the same files), label bookkeeping (``_used_layers``, ``_label_counts``, ``_compact_labels``,
+``_map_histograms`` / one bincount of the label maps plus the gather of the labels under the
+mask pixels), upsampling + thresholding (``_upsample_threshold`` / a bare ``F.interpolate`` of
+the same maps, the faster of the planar and channels-last layouts) and the reductions
+(``_chunk_totals`` + ``dissect.parallel._sum_counts`` / an in-place add of the dense counts).
+The library's functions are wrapped with timers, not reimplemented.
+
 ``--diagnostics`` adds, per shape, a line timing with a plain 1- and 2-thread pool the label-map
 loading alone (``load_segmentations``) and ``count_iou`` alone on preloaded arrays, to show which
 part of the threads scheduler's 2-worker speedup the GIL limits. The script prints figures and
@@ -279,6 +289,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     check: list[int] = []
     if args.measure == "scaling":
         return thread_scaling(reader, dataset, chunk, args.thresholds)
+    if args.measure == "breakdown":
+        return breakdown(reader, dataset, chunk, args.thresholds, Path(args.data))
     if args.measure == "imports":
         seconds = cpu = 0.0
     elif args.measure == "floor":
@@ -310,6 +322,138 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     own, children = peak_rss_mb()
     return {"seconds": seconds, "cpu": cpu, "n": n, "rss_mb": own, "child_rss_mb": children,
             "check": check}
+
+
+#: The parts of the counting that :func:`breakdown` times, with the floor each is compared with.
+BREAKDOWN = [
+    ("read", "reading the cache (CacheReader.read; its own floor)", None),
+    ("png", "label PNG decoding (load_segmentations)",
+     "PIL decode of the same PNGs (Image.open + np.asarray)"),
+    ("bookkeeping", "label bookkeeping (_used_layers, _label_counts, per-image histograms)",
+     "one np.bincount of the chunk's label maps + gathering the labels under the mask pixels"),
+    ("upsample", "upsampling + thresholding (_upsample_threshold)",
+     "bare F.interpolate of the same active maps (planar or channels-last, the faster)"),
+    ("reduce", "per-chunk reductions + merge (_chunk_totals, _sum_counts)",
+     "adding the chunk's dense int64 counts into a total in place"),
+    ("other", "rest of count_iou (inputs, active pairs, batching)", None),
+]
+
+
+def png_files(data: Path) -> list[list[Path]]:
+    """Per image of the generated dataset, its segmentation PNGs (from index.csv)."""
+    import csv
+
+    with open(data / "index.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [[data / "images" / name for category in ("color", "object", "part", "material")
+             for name in row[category].split(";") if name] for row in rows]
+
+
+def breakdown(reader: Any, dataset: Any, chunk: int, thresholds_path: str, data: Path
+              ) -> dict[str, Any]:
+    """Seconds of each part of the counting over every chunk, and of each part's floor.
+
+    One torch thread, the chunks one after the other (what one worker does). The parts are timed
+    by wrapping, for the duration of this process, the very functions of dissect.stats.iou that
+    ``count_iou`` calls (looked up at call time) and by timing ``CacheReader.read``,
+    ``load_segmentations`` and ``dissect.parallel._sum_counts`` around their calls; the floors
+    run on the same inputs right after each part.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from dissect import parallel
+    from dissect.stats import iou
+
+    torch.set_num_threads(1)
+    n = reader.shape[0]
+    thresholds = np.load(thresholds_path)
+    files = png_files(data)
+    part = {key: 0.0 for key, *_ in BREAKDOWN}
+    floor = {key: 0.0 for key, *_ in BREAKDOWN}
+    clock = time.perf_counter
+    nested = [0.0]            # floors run inside count_iou (by the wrappers): not its time
+
+    def timed(name: str, key: str, after: Any = None) -> None:
+        original = getattr(iou, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = clock()
+            out = original(*args, **kwargs)
+            part[key] += clock() - start
+            if after is not None:
+                start = clock()
+                after(*args)
+                floor[key] += clock() - start
+                nested[0] += clock() - start
+            return out
+
+        setattr(iou, name, wrapper)
+
+    def interpolate_floor(maps: Any, below: Any, size: tuple[int, int]) -> None:
+        # the faster of the two layouts: planar (B, 1, h, w), or the maps as the channels of one
+        # channels-last image (what _upsample_padded does, without its padding)
+        start = clock()
+        F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)
+        planar = clock() - start
+        start = clock()
+        F.interpolate(maps.permute(1, 2, 0).contiguous()[None].permute(0, 3, 1, 2),
+                      size=size, mode="bilinear", align_corners=False)
+        channels_last = clock() - start
+        # the wrapper adds both: take out the slower one
+        floor["upsample"] -= max(planar, channels_last)
+
+    def gather_floor(compact_seg: np.ndarray, present: np.ndarray, which: np.ndarray,
+                     pixel: np.ndarray, *rest: Any) -> None:
+        np.take(compact_seg, pixel, axis=1)
+
+    timed("_upsample_threshold", "upsample", interpolate_floor)
+    timed("_used_layers", "bookkeeping")
+    timed("_label_counts", "bookkeeping")
+    timed("_compact_labels", "bookkeeping")
+    timed("_map_histograms", "bookkeeping", gather_floor)
+    timed("_chunk_totals", "reduce")
+    total = None
+    dense = None
+    count_seconds = merge = 0.0
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        start = clock()
+        acts = reader.read(a, b)
+        part["read"] += clock() - start
+        start = clock()
+        seg, image_labels = dataset.load_segmentations(range(a, b))
+        part["png"] += clock() - start
+        start = clock()
+        for paths in files[a:b]:
+            for path in paths:
+                with Image.open(path) as image:
+                    np.asarray(image)
+        floor["png"] += clock() - start
+        start = clock()
+        np.bincount(seg.reshape(-1))
+        floor["bookkeeping"] += clock() - start
+        start = clock()
+        counts = iou.count_iou(acts, seg, image_labels, thresholds, dataset.vocab.primary,
+                               len(dataset.categories))
+        count_seconds += clock() - start
+        start = clock()
+        total = counts if total is None else parallel._sum_counts(total, counts)
+        merge += clock() - start
+        start = clock()
+        if dense is None:
+            dense = [np.zeros_like(x) for x in (counts.label_area, counts.intersection,
+                                                counts.act_area)]
+        for into, x in zip(dense, (counts.label_area, counts.intersection, counts.act_area)):
+            np.add(into, x, out=into)
+        floor["reduce"] += clock() - start
+    floor["read"] = part["read"]      # reading is its own floor
+    count_seconds -= nested[0]
+    part["reduce"] += merge
+    # every wrapped part runs inside count_iou, except the merge
+    part["other"] = count_seconds - (part["upsample"] + part["bookkeeping"]
+                                     + part["reduce"] - merge)
+    return {"n": n, "part": part, "floor": floor, "count_iou": count_seconds, "merge": merge}
 
 
 def thread_scaling(reader: Any, dataset: Any, chunk: int, thresholds_path: str
@@ -381,6 +525,18 @@ def measure_shape(script: Path, workdir: Path, data: Path, units: int, size: int
     common = ["--cache", str(cache), "--data", str(data), "--thresholds", str(thresholds)]
     if args.chunk_size:
         common += ["--chunk-size", str(args.chunk_size)]
+    parts = None
+    if args.breakdown != "off":
+        command = [sys.executable, str(script), "--measure", "breakdown", *common]
+        rounds = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
+                             .stdout.strip().splitlines()[-1]) for _ in range(args.repeat)]
+        # the fastest round of each part and of each floor
+        parts = {"n": rounds[0]["n"], **{
+            kind: {key: min(r[kind][key] for r in rounds) for key in rounds[0][kind]}
+            for kind in ("part", "floor")},
+            "count_iou": min(r["count_iou"] for r in rounds)}
+        if args.breakdown == "only":
+            return {"breakdown": parts}
     plan = [("floor", "floor", "threads", 1, "auto")]
     plan += [(f"thresholds x{k}", "thresholds", "threads", k, "auto") for k in (1, 2)]
     plan += [(f"counting x{k} prefilter {p}", "tally", "threads", k, p)
@@ -408,7 +564,7 @@ def measure_shape(script: Path, workdir: Path, data: Path, units: int, size: int
         "rss_mb": max(max(r["rss_mb"], r["child_rss_mb"]) for r in best.values()),
         "rounds": {name: [1000 * r["seconds"] / n for r in done] for name, done in runs.items()},
         "active": float(active.mean()), "identical": len(checks) == 1,
-        "tiles": uses, "auto": "on" if (auto and uses) else "off",
+        "tiles": uses, "auto": "on" if (auto and uses) else "off", "breakdown": parts,
     }
     if args.diagnostics:
         command = [sys.executable, str(script), "--measure", "scaling", *common]
@@ -422,6 +578,9 @@ def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[st
     """Print the shapes side by side."""
     names = [f"{u}x{s}x{s}" for u, s in shapes]
     width = max(11, *(len(name) + 1 for name in names))
+    if args.breakdown == "only":
+        report_breakdown(shapes, results, names, width)
+        return
     rows: list[tuple[str, list[str]]] = []
 
     def row(label: str, values: list[str]) -> None:
@@ -500,6 +659,8 @@ def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[st
                   f"{ours_t + ours_c:.2f} ms/image; NetDissect-Lite / dissect: thresholds "
                   f"{quantile / ours_t:.1f}x, counting {tally / ours_c:.1f}x, both "
                   f"{(quantile + tally) / (ours_t + ours_c):.1f}x")
+    if args.breakdown != "off":
+        report_breakdown(shapes, results, names, width)
     if args.diagnostics:
         for s, name in zip(shapes, names):
             scaling = results[s]["scaling"]
@@ -509,6 +670,32 @@ def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[st
                 parts.append(f"{what} {1000 * one / scaling['n']:.2f} ms/image, "
                              f"1-thread/2-thread {one / two:.2f}")
             print(f"thread pool diagnostics, {name}: " + "; ".join(parts))
+
+
+def report_breakdown(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[str, Any]],
+                     names: list[str], width: int) -> None:
+    """The counting's parts side by side: ms/image, its floor's and the ratio."""
+    print("\ncounting per chunk, by part (1 torch thread, chunks in turn; fastest round of each "
+          "part): ms/image, and part / its floor")
+    rows: list[tuple[str, list[str]]] = []
+    for key, label, floor_label in BREAKDOWN:
+        parts = [results[s]["breakdown"] for s in shapes]
+        rows.append((label, [f"{1000 * p['part'][key] / p['n']:.3f}" for p in parts]))
+        if floor_label is not None:
+            rows.append((f"  floor: {floor_label}",
+                         [f"{1000 * p['floor'][key] / p['n']:.3f}" for p in parts]))
+            rows.append(("  part / floor", [f"{p['part'][key] / p['floor'][key]:.2f}"
+                                             if p["floor"][key] > 0 else "-" for p in parts]))
+    parts = [results[s]["breakdown"] for s in shapes]
+    rows.append(("count_iou in all", [f"{1000 * p['count_iou'] / p['n']:.3f}" for p in parts]))
+    rows.append(("sum of the parts", [f"{1000 * sum(p['part'].values()) / p['n']:.3f}"
+                                      for p in parts]))
+    rows.append(("sum of the floors", [f"{1000 * sum(p['floor'].values()) / p['n']:.3f}"
+                                       for p in parts]))
+    label_width = max(len(label) for label, _ in rows) + 2
+    print(f"{'':{label_width}s}" + "".join(f"{name:>{width}s}" for name in names))
+    for label, values in rows:
+        print(f"{label:{label_width}s}" + "".join(f"{v:>{width}s}" for v in values))
 
 
 def main() -> None:
@@ -533,9 +720,13 @@ def main() -> None:
                              "every round (for shared, noisy machines)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="also time load_segmentations and count_iou alone in a thread pool")
+    parser.add_argument("--breakdown", default="on", choices=["on", "off", "only"],
+                        help="time the counting's parts against their floors (default on); "
+                             "'only': nothing else")
     # internal: one measurement in a subprocess
     parser.add_argument("--measure", default=None,
-                        choices=["imports", "floor", "thresholds", "tally", "scaling"])
+                        choices=["imports", "floor", "thresholds", "tally", "scaling",
+                                 "breakdown"])
     parser.add_argument("--scheduler", default="threads")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--prefilter", default="auto", choices=["on", "off", "auto"])

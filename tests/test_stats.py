@@ -585,3 +585,26 @@ def test_quantile_float16_nan_of_either_sign() -> None:
     top.add(values)
     result = top.result()
     assert np.isnan(result[0]) and np.isnan(result[1]) and result[2] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.int16, np.uint8, np.uint16])
+@pytest.mark.parametrize("writeable", [True, False])
+def test_label_counts_equal_numpy_bincount(dtype, writeable: bool) -> None:
+    from dissect.stats.iou import _label_counts, _used_layers
+
+    rng = np.random.default_rng(7)
+    seg = rng.integers(0, 9, size=(5, 3, 6, 7)).astype(dtype)
+    seg[1, 2] = 0                                           # a padded layer
+    seg[3] = 0                                              # an image with no label
+    seg[4, 1:] = 0
+    seg.flags.writeable = writeable
+    image_labels = np.array([[0, 0], [3, 0], [0, 0], [8, 8], [2, 5]])
+    used = _used_layers(seg)
+    np.testing.assert_array_equal(used, [3, 2, 3, 0, 1])
+    pixel_counts, level_counts = _label_counts(seg, used, image_labels, 9)
+    for i in range(5):
+        expected = np.bincount(seg[i, :used[i]].reshape(-1).astype(np.int64), minlength=9)
+        expected[0] = 0
+        np.testing.assert_array_equal(pixel_counts[i], expected)
+        np.testing.assert_array_equal(
+            level_counts[i], np.bincount(image_labels[i][image_labels[i] > 0], minlength=9))

@@ -508,6 +508,10 @@ def _flat_above(values: np.ndarray, limits: np.ndarray) -> np.ndarray:
     return np.flatnonzero(values > limits[None, :])
 
 
+#: Label map dtypes :func:`_label_counts` counts with ``torch.bincount``.
+_TORCH_BINCOUNT = (np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.int16), np.dtype(np.uint8))
+
+
 def _label_counts(seg: np.ndarray, used_layers: np.ndarray, image_labels: np.ndarray,
                   n_labels: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-image pixel label counts (n, L) and image-level label counts (n, L), label 0 zeroed.
@@ -516,8 +520,17 @@ def _label_counts(seg: np.ndarray, used_layers: np.ndarray, image_labels: np.nda
     """
     n = seg.shape[0]
     pixel_counts = np.zeros((n, n_labels), dtype=np.int64)
+    # torch's CPU bincount is about twice NumPy's on int32 label maps (NumPy first casts them to
+    # int64 and scans them for their range); both count exactly
+    seg_t = (torch.from_numpy(seg) if seg.dtype in _TORCH_BINCOUNT and seg.flags.writeable
+             and seg.flags.c_contiguous else None)
     for i in range(n):
-        pixel_counts[i] = np.bincount(seg[i, :used_layers[i]].reshape(-1), minlength=n_labels)
+        if seg_t is not None and used_layers[i]:
+            counts = torch.bincount(seg_t[i, :used_layers[i]].reshape(-1), minlength=n_labels)
+            pixel_counts[i] = counts.numpy()
+        else:
+            pixel_counts[i] = np.bincount(seg[i, :used_layers[i]].reshape(-1),
+                                          minlength=n_labels)
     image_rows, slots = np.nonzero(image_labels > 0)
     level_counts = np.zeros((n, n_labels), dtype=np.int64)
     np.add.at(level_counts, (image_rows, image_labels[image_rows, slots]), 1)
@@ -685,45 +698,108 @@ def count_iou(
     for start, stop in _pair_batches(pair_image, n, max_maps):
         image = int(pair_image[start])                  # every batch holds one image's maps
         units = pair_unit[start:stop]
-        n_maps = stop - start
-        units_t = pair_unit_t[start:stop]
         if chunk_pixels is not None:      # the prefilter's pixels of this image's maps
             first, last = chunk_bounds[image], chunk_bounds[image + 1]
             which, pixel = chunk_which[first:last] - start, chunk_pixels[first:last]
         else:
-            maps = acts_t[image].index_select(0, units_t)                         # (B, h, w)
-            up = _upsample_padded(maps, (sh, sw))                                # (S, P)
-            which, pixel = _mask_pixels(up, below_np[units] if on_host else below[units_t])
-            del up                                                               # (M,) (M,)
+            units_t = pair_unit_t[start:stop]
+            which, pixel = _upsample_threshold(acts_t[image].index_select(0, units_t),
+                                               below_np[units] if on_host else below[units_t],
+                                               (sh, sw))
         if image != compact_image:
-            compact_of[present] = 0
-            present = np.flatnonzero(pixel_counts[image])                           # (k,)
-            compact_of[present] = np.arange(1, len(present) + 1)
-            compact_seg = np.take(compact_of, seg_images[image, :used_layers[image]])
-            compact_image = image                                                # (Lyr', S)
-        # Label of every mask pixel in every used layer (Lyr', M) -> label histogram per map.
-        n_bins = len(present) + 1
-        codes = np.take(compact_seg, pixel, axis=1)
-        codes += which * n_bins
-        histogram = np.bincount(codes.reshape(-1), minlength=n_maps * n_bins).reshape(
-            n_maps, n_bins)
-        if len(compact_seg):      # each mask pixel is counted once per used layer
-            areas = histogram.sum(axis=1) // len(compact_seg)                       # (B,)
-        else:
-            areas = np.bincount(which, minlength=n_maps)
+            present, compact_seg = _compact_labels(seg_images[image, :used_layers[image]],
+                                                   pixel_counts[image], compact_of, present)
+            compact_image = image
+        areas, joint, touched = _map_histograms(
+            compact_seg, present, which, pixel, units, n_labels, category,
+            level_categories[image] if union == "touched" else None)
         mask_area[image, units] = areas
-        histogram[:, 0] = 0
-        map_index, compact = np.nonzero(histogram)
-        label = present[compact - 1]
-        joint_codes.append(units[map_index] * n_labels + label)
-        joint_counts.append(histogram[map_index, compact])
-        if union == "touched":
-            touched = np.repeat(level_categories[image:image + 1], n_maps, axis=0)  # (B, C+1)
-            touched[map_index, category[label]] = True
-            map_hit, cat_hit = np.nonzero(touched[:, :n_cat])
-            touched_codes.append(units[map_hit] * n_cat + cat_hit)
-            touched_areas.append(areas[map_hit])
+        joint_codes.append(joint[0])
+        joint_counts.append(joint[1])
+        if touched is not None:
+            touched_codes.append(touched[0])
+            touched_areas.append(touched[1])
+    intersection, act_area = _chunk_totals(
+        joint_codes, joint_counts, touched_codes, touched_areas, mask_area, pixel_counts,
+        level_counts, onehot, union)
+    return IoUCounts(label_area.astype(np.int64), intersection, act_area.astype(np.int64))
 
+
+def _upsample_threshold(maps: torch.Tensor, below: np.ndarray | torch.Tensor,
+                        size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Mask pixels of (B, h, w) maps of one image: :func:`_upsample_padded` to ``size``, then
+    :func:`_mask_pixels` against the float32 (B,) thresholds ``below``.
+
+    Returns (which (M,), pixel (M,)) int64 host arrays, pixel-major.
+    """
+    up = _upsample_padded(maps, size)                                           # (S, P)
+    return _mask_pixels(up, below)
+
+
+def _compact_labels(seg_image: np.ndarray, pixel_counts: np.ndarray, compact_of: np.ndarray,
+                    previous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One image's labels renumbered 1..k (0: no label).
+
+    ``seg_image`` is its used layers (Lyr', S), ``pixel_counts`` its (L,) pixel label counts,
+    ``compact_of`` an int64 (L,) scratch table that is zero except at ``previous`` (the labels of
+    the image before; left zero except at this image's labels). Returns (present int64 (k,) the
+    labels, compact_seg int64 (Lyr', S) the renumbered layers).
+    """
+    compact_of[previous] = 0
+    present = np.flatnonzero(pixel_counts)                                          # (k,)
+    compact_of[present] = np.arange(1, len(present) + 1)
+    return present, np.take(compact_of, seg_image)
+
+
+def _map_histograms(compact_seg: np.ndarray, present: np.ndarray, which: np.ndarray,
+                    pixel: np.ndarray, units: np.ndarray, n_labels: int, category: np.ndarray,
+                    level_categories: np.ndarray | None
+                    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray],
+                               tuple[np.ndarray, np.ndarray] | None]:
+    """Label histograms of one image's masks (a batch of B maps of units ``units``).
+
+    ``compact_seg``, ``present``: :func:`_compact_labels` of the image; ``which``, ``pixel``:
+    its mask pixels (:func:`_upsample_threshold`); ``category``: (L,) category of each label
+    (C for none); ``level_categories``: bool (C + 1,) categories of the image's image-level
+    labels for the 'touched' union rule, else None.
+
+    Returns (areas int64 (B,) mask pixels per map, (unit * L + label, pixels) of every nonzero
+    (map, label) intersection, and for 'touched' (unit * C + category, area) of every category
+    a map touches, else None).
+    """
+    n_maps = len(units)
+    n_cat = len(level_categories) - 1 if level_categories is not None else 0
+    # Label of every mask pixel in every used layer (Lyr', M) -> label histogram per map.
+    n_bins = len(present) + 1
+    codes = np.take(compact_seg, pixel, axis=1)
+    codes += which * n_bins
+    histogram = np.bincount(codes.reshape(-1), minlength=n_maps * n_bins).reshape(
+        n_maps, n_bins)
+    if len(compact_seg):      # each mask pixel is counted once per used layer
+        areas = histogram.sum(axis=1) // len(compact_seg)                           # (B,)
+    else:
+        areas = np.bincount(which, minlength=n_maps)
+    histogram[:, 0] = 0
+    map_index, compact = np.nonzero(histogram)
+    label = present[compact - 1]
+    joint = (units[map_index] * n_labels + label, histogram[map_index, compact])
+    if level_categories is None:
+        return areas, joint, None
+    touched = np.repeat(level_categories[None], n_maps, axis=0)                   # (B, C+1)
+    touched[map_index, category[label]] = True
+    map_hit, cat_hit = np.nonzero(touched[:, :n_cat])
+    return areas, joint, (units[map_hit] * n_cat + cat_hit, areas[map_hit])
+
+
+def _chunk_totals(joint_codes: list[np.ndarray], joint_counts: list[np.ndarray],
+                  touched_codes: list[np.ndarray], touched_areas: list[np.ndarray],
+                  mask_area: np.ndarray, pixel_counts: np.ndarray, level_counts: np.ndarray,
+                  onehot: np.ndarray, union: str) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk's (U, L) intersection and (U, C) act_area from the per-map parts of
+    :func:`_map_histograms`, the (n, U) mask areas and the (n, L) label counts."""
+    n_units = mask_area.shape[1]
+    n_labels = level_counts.shape[1]
+    n_cat = onehot.shape[1] - 1
     intersection = _weighted_count(joint_codes, joint_counts, n_units * n_labels).reshape(
         n_units, n_labels)
     # Image-level labels: the whole mask of the image counts for the label.
@@ -741,7 +817,7 @@ def count_iou(
         present = ((pixel_counts > 0) | (level_counts > 0)).astype(np.int64)
         image_categories = ((present @ onehot)[:, :n_cat] > 0).astype(np.int64)  # (n, C)
         act_area = mask_area.T @ image_categories
-    return IoUCounts(label_area.astype(np.int64), intersection, act_area.astype(np.int64))
+    return intersection, act_area
 
 
 def iou_from_counts(counts: IoUCounts, primary: np.ndarray) -> np.ndarray:
