@@ -338,6 +338,7 @@ def test_class_order_warning_at_and_above_chance():
     assert class_order_warning(result([0, 0, 0]), 3, "predicted") is None
 
 
+@pytest.mark.filterwarnings("ignore::dissect.ablation.runner.ClassOrderWarning")  # untrained
 def test_run_with_ablate_uses_the_class_names_file(toy_dataset, tmp_path):
     from dissect.ablation import load_ablation
     from dissect.toy import TOY_SCENES
