@@ -20,7 +20,7 @@ def run_demo(out: str | os.PathLike[str] = "reports/demo",
     target = Path(datasets_dir) / "toybroden"
     if progress and not (target / "toy_model.pt").is_file():
         print(f"making the toy dataset ({n_images} images) and training the toy model in "
-              f"{target}: once, about 30 s on 2 cores", flush=True)
+              f"{target} (once; well under a minute on 2 cores)", flush=True)
     dataset, weights = ensure_toy(target, n_images=n_images,
                                   size=size, seed=0, train=True)
     if progress:
