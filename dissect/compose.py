@@ -636,6 +636,13 @@ class _Context:
         return x.dense(), y.dense()
 
 
+#: Most images per task by default. A task's count entries grow with its images ((formula,
+#: unit) pairs x the labels present, about 0.3 MB per image for 512 units and beam 5), unlike
+#: the tally's fixed-size counts, so compose keeps its chunks small: peak memory then stops
+#: growing with the dataset once it has 16 chunks of this size.
+COMPOSE_CHUNK = 32
+
+
 # ----------------------------------------------------------------------------- search
 @dataclass
 class _Base:
@@ -1057,7 +1064,7 @@ def compose_layer(
         raise DatasetError(f"{where}: no image of dataset {dataset.root} has a label in the "
                            f"selected categories ({', '.join(all_categories)})")
     seg_size = getattr(dataset, "seg_size", (0, 0))
-    size = (default_chunk_size(shape, seg_size) if chunk_size is None
+    size = (min(default_chunk_size(shape, seg_size), COMPOSE_CHUNK) if chunk_size is None
             else check_chunk_size(chunk_size))
     if images is None or len(images) == shape[0]:
         task_rows: list[Any] = list(image_chunks(shape[0], size))
