@@ -334,24 +334,51 @@ def load_composition(out_dir: str | os.PathLike[str], label_names: Sequence[str]
 
 
 # ----------------------------------------------------------------------------- chunk counts
+#: A sum of counts is kept dense once it would hold more than this share of its cells sparsely
+#: (a dense cell takes 8 bytes, a sparse entry 16, and a dense sum needs no sort).
+DENSE_SHARE = 0.25
+
+
 @dataclass(frozen=True)
 class SparseCounts:
-    """Additive int64 counts of shape ``shape`` as (flat index, value) pairs."""
+    """Additive int64 counts of shape ``shape``: (flat index, value) pairs (an index may repeat
+    in a chunk's counts; sums have unique indices), or, once a sum fills more than
+    :data:`DENSE_SHARE` of the cells, a dense flat array ``full`` (``index`` and ``values`` are
+    then empty)."""
 
     shape: tuple[int, int]
     index: np.ndarray
     values: np.ndarray
+    full: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
 
     def __add__(self, other: SparseCounts) -> SparseCounts:
-        index = np.concatenate([self.index, other.index])
-        values = np.concatenate([self.values, other.values])
-        unique, inverse = np.unique(index, return_inverse=True)
-        return SparseCounts(self.shape, unique,
-                            np.bincount(inverse, weights=values, minlength=len(unique))
-                            .round().astype(np.int64) if len(unique) else values)
+        dense = next((c for c in (self, other) if c.full is not None), None)
+        if dense is None and len(self.index) + len(other.index) <= DENSE_SHARE * self.size:
+            index = np.concatenate([self.index, other.index])
+            values = np.concatenate([self.values, other.values])
+            unique, inverse = np.unique(index, return_inverse=True)
+            return SparseCounts(self.shape, unique,
+                                np.bincount(inverse, weights=values, minlength=len(unique))
+                                .round().astype(np.int64) if len(unique) else values)
+        total = dense.full.copy() if dense is not None else np.zeros(self.size, np.int64)
+        for part in (self, other):
+            if part is dense:
+                continue
+            if part.full is not None:
+                total += part.full
+            else:
+                np.add.at(total, part.index, part.values)   # a chunk's entries may repeat
+        empty = np.zeros(0, np.int64)
+        return SparseCounts(self.shape, empty, empty, total)
 
     def dense(self) -> np.ndarray:
-        out = np.zeros(int(np.prod(self.shape)), dtype=np.int64)
+        if self.full is not None:
+            return self.full.reshape(self.shape)
+        out = np.zeros(self.size, dtype=np.int64)
         np.add.at(out, self.index, self.values)
         return out.reshape(self.shape)
 

@@ -480,3 +480,28 @@ def test_bounds_are_admissible(random_case) -> None:
                 assert bound >= best - 1e-12
                 tight += bound < 1.0
     assert tight > 0
+
+
+def test_count_sums_are_exact_sparse_or_dense() -> None:
+    # A chunk's counts may repeat an index; sums switch to a dense array once they would fill
+    # more than DENSE_SHARE of the cells. Every order of sums equals a plain np.add.at.
+    from dissect.compose import SparseCounts
+
+    rng = np.random.default_rng(1)
+    shape, size = (7, 9), 63
+    empty = SparseCounts(shape, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    saw_dense = saw_sparse = False
+    for _ in range(300):
+        total, expected = empty, np.zeros(size, np.int64)
+        for _ in range(int(rng.integers(1, 6))):
+            k = int(rng.integers(0, 40))
+            index = rng.integers(0, size, k) if rng.random() < 0.5 else \
+                rng.choice(size, k, replace=False)
+            values = rng.integers(1, 100, k)
+            np.add.at(expected, index, values)
+            part = empty + SparseCounts(shape, index, values)
+            total = total + part if rng.random() < 0.5 else part + total
+        saw_dense |= total.full is not None
+        saw_sparse |= total.full is None
+        np.testing.assert_array_equal(total.dense().ravel(), expected)
+    assert saw_dense and saw_sparse
