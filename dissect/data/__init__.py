@@ -11,6 +11,7 @@ from dissect.data.broden import (
     BrodenDataset,
     Problem,
     decode_segmentation,
+    encode_labels,
     pad_segmentations,
     parse_dataset,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Concept",
     "check_dataset",
     "decode_segmentation",
+    "encode_labels",
     "parse_dataset",
     "pad_segmentations",
     "make_loader",

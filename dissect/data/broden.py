@@ -450,6 +450,16 @@ def _present_splits(root: Path) -> set[str]:
         return {(row.get("split") or "").strip() for row in csv.DictReader(handle)}
 
 
+def encode_labels(labels: np.ndarray) -> np.ndarray:
+    """uint8 (h, w, 3) Broden encoding of integer label numbers (h, w): R + 256 * G, B = 0
+    (the inverse of :func:`decode_segmentation`)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rgb = np.zeros(labels.shape + (3,), dtype=np.uint8)
+    rgb[..., 0] = labels % 256
+    rgb[..., 1] = labels // 256
+    return rgb
+
+
 def decode_segmentation(path: str | os.PathLike[str]) -> np.ndarray:
     """Label numbers of a segmentation PNG: R + 256 * G as int32 (sh, sw).
 

@@ -86,7 +86,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dissect.data.broden import INDEX_COLUMNS, UNREADABLE, is_inside
+from dissect.data.broden import INDEX_COLUMNS, UNREADABLE, encode_labels, is_inside
 from dissect.errors import DatasetError, OptionError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",
@@ -199,15 +199,6 @@ def nearest_resize(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     rows = ((2 * np.arange(height) + 1) * h) // (2 * height)
     cols = ((2 * np.arange(width) + 1) * w) // (2 * width)
     return labels[rows[:, None], cols[None, :]]
-
-
-def encode_labels(labels: np.ndarray) -> np.ndarray:
-    """uint8 (h, w, 3) Broden encoding of integer label numbers (h, w): R + 256 * G, B = 0."""
-    labels = np.asarray(labels, dtype=np.int64)
-    rgb = np.zeros(labels.shape + (3,), dtype=np.uint8)
-    rgb[..., 0] = labels % 256
-    rgb[..., 1] = labels // 256
-    return rgb
 
 
 def save_label_png(path: Path, labels: np.ndarray) -> None:

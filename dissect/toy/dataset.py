@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dissect.data.broden import encode_labels
 from dissect.errors import OptionError
 from dissect.toy.scenes import (
     CATEGORIES,
@@ -156,15 +157,6 @@ def toy_images(n_images: int = 600, size: int = 112, seed: int = 0) -> Iterator[
         rng = np.random.default_rng([seed, index])
         drawn = draw_scene(scene, grid, rng, material_annotated=annotated)
         yield ToyImage(index, f"{IMAGE_FOLDER}/{index:06d}.png", split, size, drawn)
-
-
-def encode_labels(labels: np.ndarray) -> np.ndarray:
-    """uint8 (h, w, 3) Broden encoding of int label numbers (h, w): R + 256 * G, B = 0."""
-    labels = np.asarray(labels, dtype=np.int64)
-    rgb = np.zeros(labels.shape + (3,), dtype=np.uint8)
-    rgb[..., 0] = labels % 256
-    rgb[..., 1] = labels // 256
-    return rgb
 
 
 def _save_png(path: Path, rgb: np.ndarray) -> None:
