@@ -361,7 +361,7 @@ def compose_stage(config: RunConfig, layers: Sequence[str] | None = None, *,
                 out_dir=run.layer_dir(layer), progress=progress)
         timing.extra["options"] = {**results[layer].options}
         run.record_stage(f"compose:{layer}", timing)
-        _log(summary, f"compose {layer}: done in {timing.wall_s:.1f} s")
+        _log(summary, f"compose {layer}: computed in {timing.wall_s:.1f} s")
         _log(summary, format_composition(results[layer]))
     if save_config:
         run.write_config(config)
