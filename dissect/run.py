@@ -522,6 +522,7 @@ def explain_stage(run_dir: str | os.PathLike[str], layer: str, *,
     or ``explain/classes/<name>.json`` (a class profile); returns that path.
     """
     import numpy as np
+    import torch
 
     from dissect.data import BrodenDataset
     from dissect.explain import explain_class, explain_prediction, input_attributions
@@ -582,10 +583,15 @@ def explain_stage(run_dir: str | os.PathLike[str], layer: str, *,
                                               top_k=top_k, image_ids=ids,
                                               batch_size=batch_size or config.batch_size,
                                               **common)
-            targets = [e.target for e in explanations]
-            maps = input_attributions(model, tensors.to(dev), targets, tuple(attributions),
-                                      layer=layer, token_layout=layout) \
-                if attributions else {}
+            step = batch_size or config.batch_size
+            maps: dict[str, Any] = {}
+            for start in range(0, len(tensors), step) if attributions else ():
+                part = input_attributions(
+                    model, tensors[start:start + step].to(dev),
+                    [e.target for e in explanations[start:start + step]], tuple(attributions),
+                    layer=layer, token_layout=layout)
+                for kind, values in part.items():
+                    maps[kind] = values if kind not in maps else torch.cat([maps[kind], values])
             stem = name or ("dataset" if dataset_images is not None else "images")
             path = write_explanations(explanations, run.explain_dir, _safe_name(stem),
                                       images_uint8=pictures, attributions=maps, top_k=top_k)

@@ -147,3 +147,14 @@ def test_an_untallied_layer_says_to_tally_first(toy_dataset: Path, tmp_path: Pat
     assert main(["explain", "--run", str(tmp_path / "run"), "--layer", "conv3",
                  "--dataset-images", "1"]) == 2
     assert "dissect tally" in capsys.readouterr().err
+
+
+def test_input_maps_do_not_depend_on_the_batch_size(explain_run: Path) -> None:
+    for batch, name in ((1, "one"), (3, "three_at_once")):
+        assert main(["explain", "--run", str(explain_run), "--layer", LAYER, "--dataset-images",
+                     "3", "--attributions", "saliency", "--batch-size", str(batch),
+                     "--name", name, "--top-k", "0"]) == 0
+    for i in range(3):
+        a = (explain_run / "explain" / "one" / f"{i}_saliency.png").read_bytes()
+        b = (explain_run / "explain" / "three_at_once" / f"{i}_saliency.png").read_bytes()
+        assert a == b
