@@ -52,7 +52,7 @@ def _attribution_list(text: str) -> tuple[str, ...]:
 
 
 def _ignore_index(text: str) -> int | None:
-    """``--ignore-index``: a mask value 0..65535, or ``none``."""
+    """``--ignore-index``: a mask value 1..65535, or ``none``."""
     if text.lower() == "none":
         return None
     try:

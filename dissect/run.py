@@ -447,16 +447,12 @@ def _explain_inputs(config: RunConfig, dataset: Any, files: Sequence[str | os.Pa
     from PIL import Image
 
     from dissect.data import image_tensor
-    from dissect.errors import DatasetError
+    from dissect.data.broden import read_rgb
 
     size = tuple(config.resize) if config.resize is not None else tuple(dataset.image_size)
     pixels, ids = [], []
     for path in files:
-        try:
-            with Image.open(path) as image:
-                pixels.append(np.array(image.convert("RGB")))
-        except (OSError, ValueError) as error:
-            raise DatasetError(f"{path}: cannot read the image ({error})") from None
+        pixels.append(read_rgb(path))
         ids.append(str(path))
     names = dataset.image_names
     for index in indices:

@@ -100,8 +100,7 @@ class RunDir:
     def eval_cache(self, layer: str, name: str) -> Path:
         """``cache/eval-<name>/cache/<layer>.h5``: the layer's activations on the evaluation set
         ``name`` (the recorder's cache path under :meth:`eval_dir`), with its own fingerprint."""
-        safe = layer.replace("/", "_").replace("\\", "_")
-        return self.eval_dir(name) / "cache" / f"{safe}.h5"
+        return RunDir(self.eval_dir(name)).cache(layer)
 
     @property
     def outputs(self) -> Path:

@@ -158,3 +158,12 @@ def test_input_maps_do_not_depend_on_the_batch_size(explain_run: Path) -> None:
         a = (explain_run / "explain" / "one" / f"{i}_saliency.png").read_bytes()
         b = (explain_run / "explain" / "three_at_once" / f"{i}_saliency.png").read_bytes()
         assert a == b
+
+
+def test_an_image_file_that_is_not_an_image_is_named(explain_run: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["explain", "--run", str(explain_run), "--layer", LAYER, "--images",
+                 str(bad)]) == 2
+    assert f"{bad} cannot be read as an image" in capsys.readouterr().err

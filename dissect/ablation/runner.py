@@ -266,7 +266,7 @@ def run_ablation(run: RunDir | str | os.PathLike[str], layer: str, study: str, *
     eval_dataset = eval_dataset if eval_dataset is not None else config.eval_dataset
     folders = False
     if eval_dataset is not None:
-        eval_set = open_eval_set(eval_dataset, _folder_class_names(eval_dataset, class_names))
+        eval_set = open_eval_set(eval_dataset, class_names)  # a Broden set does not use them
         folders = eval_set.kind == "imagefolder"
     else:
         eval_set = None
@@ -335,15 +335,6 @@ def run_ablation(run: RunDir | str | os.PathLike[str], layer: str, study: str, *
         importance_path = write_importance_csv(rows, run.importance(layer))
     return dataclasses.replace(result, h5_path=h5_path, csv_path=csv_path,
                                importance_path=importance_path)
-
-
-def _folder_class_names(eval_dataset: str | os.PathLike[str],
-                        class_names: Sequence[str] | str | os.PathLike[str] | None
-                        ) -> Sequence[str] | str | os.PathLike[str] | None:
-    """The class names an ImageFolder set is opened with (a Broden set ignores them there)."""
-    if class_names is None or (Path(eval_dataset) / "index.csv").is_file():
-        return None
-    return class_names
 
 
 def eval_info(data: Any, class_names: Sequence[str], eval_set: EvalSet | None

@@ -450,6 +450,17 @@ def _present_splits(root: Path) -> set[str]:
         return {(row.get("split") or "").strip() for row in csv.DictReader(handle)}
 
 
+def read_rgb(path: str | os.PathLike[str], where: str | None = None) -> np.ndarray:
+    """uint8 (h, w, 3) RGB pixels of an image file; DatasetError naming the file (and
+    ``where``, e.g. its index.csv row) when it cannot be read as an image."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except UNREADABLE as error:
+        place = f" ({where})" if where else ""
+        raise DatasetError(f"{path}{place} cannot be read as an image: {error}") from None
+
+
 def encode_labels(labels: np.ndarray) -> np.ndarray:
     """uint8 (h, w, 3) Broden encoding of integer label numbers (h, w): R + 256 * G, B = 0
     (the inverse of :func:`decode_segmentation`)."""
@@ -653,11 +664,7 @@ class BrodenDataset:
         """uint8 (ih, iw, 3) RGB pixels of image ``index``."""
         entry = self._entries[index]
         path = self.root / "images" / entry.image
-        try:
-            with Image.open(path) as image:
-                pixels = np.array(image.convert("RGB"))
-        except UNREADABLE as error:
-            raise DatasetError(f"{path} ({self._where(index)}) cannot be read: {error}") from None
+        pixels = read_rgb(path, self._where(index))
         if pixels.shape[:2] != entry.image_size:
             raise DatasetError(
                 f"{path} ({self._where(index)}) is {pixels.shape[0]}x{pixels.shape[1]}; "

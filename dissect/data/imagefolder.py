@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dissect.data.broden import UNREADABLE
+from dissect.data.broden import UNREADABLE, read_rgb
 from dissect.data.from_masks import IMAGE_EXTENSIONS, walk_files
 from dissect.errors import DatasetError, OptionError
 
@@ -197,12 +197,7 @@ class ImageFolderDataset:
 
     def load_image(self, index: int) -> np.ndarray:
         """uint8 (ih, iw, 3) RGB pixels of image ``index``."""
-        path = self._path(index)
-        try:
-            with Image.open(path) as image:
-                return np.array(image.convert("RGB"))
-        except UNREADABLE as error:
-            raise DatasetError(f"{path} cannot be read as an image: {error}") from None
+        return read_rgb(self._path(index))
 
     def fingerprint(self, selection: bool = True) -> str:
         """sha256 over the class names and, per image, its path, class and file size.
