@@ -48,7 +48,12 @@ def test_profiles_sit_beside_the_units_whose_removal_hurts_the_class(tmp_path: P
     _profile(run, "class_kitchen", "conv4", "kitchen",
              [("oven", 2.0, 0.5), ("sink", 1.0, 0.25), ("sky", -1.0, -0.25)])
     _profile(run, "other_layer", "conv3", "kitchen", [("oven", 1.0, 1.0)])
-    profiles = class_profiles(tmp_path, "conv4", ["oven", "tile", "", "sky"])
+    from dissect.report.data import read_ablation_csv
+    from dissect.report.studies import ablation_records, single_drops
+
+    records = ablation_records(read_ablation_csv(run.ablation_csv("conv4")), 4, "recall")
+    profiles = class_profiles(tmp_path, "conv4", ["oven", "tile", "", "sky"],
+                              single_drops(records))
     assert profiles == [{
         "class": "kitchen", "n_images": 7, "selection": "true", "method": "grad_x_act",
         "concepts": [{"label": "oven", "share": 0.5}, {"label": "sink", "share": 0.25}],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -607,8 +607,9 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
 def layer_results(run_dir: Path, layer: str, n_units: int, metric: str) -> dict[str, Any]:
     """The keyword arguments of :func:`layer_data` read from a layer's result files, each only
     when its file exists: ablation.csv (``effects`` from the single study, ``ablation``,
-    ``damage``), importance.csv, compositional.csv, significance.csv and significance.h5
-    (``null_histograms``), and ``files`` (the existing :data:`LAYER_FILES`)."""
+    ``damage``, and ``single_drops`` for :func:`class_profiles`, which the caller takes out
+    before :func:`layer_data`), importance.csv, compositional.csv, significance.csv and
+    significance.h5 (``null_histograms``), and ``files`` (the existing :data:`LAYER_FILES`)."""
     from dissect.report import studies
 
     run = RunDir(run_dir)
@@ -626,6 +627,7 @@ def layer_results(run_dir: Path, layer: str, n_units: int, metric: str) -> dict[
         if "single" in view["studies"]:
             out["effects"] = ablation_effects(rows, n_units, metric, path=path)
             out["damage"] = studies.unit_damage(records, n_units)
+            out["single_drops"] = studies.single_drops(records)
     for key, path, read in (("importance", run.importance(layer), studies.read_importance),
                             ("formulas", run.compositional_csv(layer), studies.read_compositional),
                             ("significance", run.significance_csv(layer),
@@ -669,29 +671,13 @@ def unit_layout_text(run_dir: str | Path, layer: str) -> str | None:
 TOP_PROFILE = 5
 
 
-def _single_drops(rows: Sequence[dict[str, str]], class_name: str, metric: str
-                  ) -> list[tuple[int, float]]:
-    """(unit, drop of ``metric``) for every unit the single study removed, for one class."""
-    baseline = next((r for r in rows if r["study"] == "single" and r["set"] == "baseline"
-                     and r["class"] == class_name), None)
-    if baseline is None or not baseline.get(metric):
-        return []
-    base = float(baseline[metric])
-    drops = []
-    for row in rows:
-        if row["study"] == "single" and row["set"] != "baseline" and \
-                row["class"] == class_name and row.get(metric) and row["units"].isdigit():
-            value = float(row[metric])
-            if math.isfinite(value):
-                drops.append((int(row["units"]), base - value))
-    return drops
-
-
 def class_profiles(run_dir: str | Path, layer: str, unit_labels: Sequence[str],
-                   metric: str = ABLATION_METRIC, top: int = TOP_PROFILE
-                   ) -> list[dict[str, Any]]:
+                   single_drops: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+                   top: int = TOP_PROFILE) -> list[dict[str, Any]]:
     """The layer's class concept profiles (``explain/classes/*.json``, from ``dissect explain
-    --class``), each beside the units whose single-unit ablation hurts that class most.
+    --class``), each beside the units whose single-unit ablation hurts that class most
+    (``single_drops``: :func:`dissect.report.studies.single_drops` of the layer's ablation
+    records, read by :func:`layer_results`; None without a single study).
 
     Returns a list, in file-name order, of ``{"class", "n_images", "selection", "method",
     "concepts": [{"label", "share"}] (top positive shares), "unlabeled_share", "hurt": [{"unit",
@@ -704,8 +690,6 @@ def class_profiles(run_dir: str | Path, layer: str, unit_labels: Sequence[str],
     folder = run.class_profiles_dir
     if not folder.is_dir():
         return []
-    rows = read_ablation_csv(run.ablation_csv(layer)) if run.ablation_csv(layer).is_file() \
-        else []
     out = []
     for path in sorted(folder.glob("*.json")):
         try:
@@ -721,7 +705,7 @@ def class_profiles(run_dir: str | Path, layer: str, unit_labels: Sequence[str],
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CacheError(f"{path}: not a class profile of `dissect explain --class` "
                              f"({error})") from None
-        drops = sorted(_single_drops(rows, name, metric), key=lambda d: (-d[1], d[0]))
+        drops = sorted((single_drops or {}).get(name, ()), key=lambda d: (-d[1], d[0]))
         hurt = [{"unit": u, "label": unit_labels[u] if 0 <= u < len(unit_labels) else "",
                  "drop": round_float(drop)} for u, drop in drops[:top] if drop > 0]
         credited = {c["label"] for c in concepts}
@@ -811,10 +795,11 @@ def build_report_data(
         top_idx, top_val = top_images(read, n_images, top_k, chunk)
         results = layer_results(run_dir, layer, n_units, ablation_metric)
         effects = results.pop("effects")
+        drops = results.pop("single_drops", None)
         data = layer_data(result, top_idx, top_val, image_names, effects, metric=ablation_metric,
                           image_level=image_level, **results)
         data["class_profiles"] = class_profiles(
-            run_dir, layer, [u["label"] for u in data["units"]], ablation_metric)
+            run_dir, layer, [u["label"] for u in data["units"]], drops)
         data["unit_layout"] = unit_layout_text(run_dir, layer)
         for c in data["categories"]:
             if c not in categories:

@@ -318,22 +318,31 @@ def concept_ablations(records: Sequence[AblationRecord],
     return out
 
 
-def unit_damage(records: Sequence[AblationRecord], n_units: int) -> list[float | None]:
-    """Per unit, the largest drop of the metric over classes when the unit alone is ablated
-    (the ``single`` study against its baseline); None for a unit the study did not ablate.
-    A unit that hurts no class gets its largest (<= 0) change."""
+def single_drops(records: Sequence[AblationRecord]) -> dict[str, list[tuple[int, float]]]:
+    """Per class, ``(unit, drop)`` for every unit the ``single`` study ablated alone: the drop of
+    the metric against the study's baseline (rounded), in file order; units or baselines with
+    an empty value are left out."""
     base = _baselines(records)
-    best: list[float | None] = [None] * n_units
+    out: dict[str, list[tuple[int, float]]] = {}
     for r in records:
         if r.study != "single" or r.set == "baseline" or len(r.units) != 1:
             continue
         b = base.get(("single", r.cls))
         if b is None or math.isnan(b.value) or math.isnan(r.value):
             continue
-        drop = _round(b.value - r.value)
-        u = r.units[0]
-        if best[u] is None or drop > best[u]:  # type: ignore[operator]
-            best[u] = drop
+        out.setdefault(r.cls, []).append((r.units[0], _round(b.value - r.value)))
+    return out
+
+
+def unit_damage(records: Sequence[AblationRecord], n_units: int) -> list[float | None]:
+    """Per unit, the largest drop of the metric over classes when the unit alone is ablated
+    (:func:`single_drops`); None for a unit the study did not ablate. A unit that hurts no
+    class gets its largest (<= 0) change."""
+    best: list[float | None] = [None] * n_units
+    for drops in single_drops(records).values():
+        for u, drop in drops:
+            if best[u] is None or drop > best[u]:  # type: ignore[operator]
+                best[u] = drop
     return best
 
 
