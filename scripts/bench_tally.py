@@ -527,6 +527,8 @@ def measure_shape(script: Path, workdir: Path, data: Path, units: int, size: int
         common += ["--chunk-size", str(args.chunk_size)]
     parts = None
     if args.breakdown != "off":
+        if not thresholds.exists():    # the breakdown counts with the layer's thresholds
+            run_once(script, common, "thresholds")
         command = [sys.executable, str(script), "--measure", "breakdown", *common]
         rounds = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
                              .stdout.strip().splitlines()[-1]) for _ in range(args.repeat)]

@@ -153,6 +153,43 @@ def test_decode_segmentation_does_not_overflow(tmp_path):
     np.testing.assert_array_equal(decode_segmentation(tmp_path / "s.png"), labels)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "I;16"])
+def test_decode_segmentation_reads_every_label_encoding(tmp_path, mode):
+    """R + 256 * G of RGB/RGBA (B and A ignored), the value itself for single-channel PNGs."""
+    rng = np.random.default_rng(3)
+    if mode in ("RGB", "RGBA"):
+        pixels = rng.integers(0, 256, (5, 7, len(mode)), dtype=np.uint8)
+        expected = pixels[..., 0].astype(np.int64) + 256 * pixels[..., 1].astype(np.int64)
+        image = Image.fromarray(pixels)
+    else:
+        dtype = {"L": np.uint8, "I;16": np.uint16}[mode]
+        expected = rng.integers(0, np.iinfo(dtype).max + 1, (5, 7))
+        image = Image.fromarray(expected.astype(dtype))
+    image.save(tmp_path / "s.png")
+    with Image.open(tmp_path / "s.png") as check:
+        assert check.mode == mode
+    decoded = decode_segmentation(tmp_path / "s.png")
+    assert decoded.dtype == np.int32
+    np.testing.assert_array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("label", [8, 299, 301])
+def test_unknown_label_named_in_a_chunk(broden_tiny, label):
+    """Labels 1..7 and 300 are known: a label beyond the contiguous known ones, in the gap,
+    or above the largest names the file that holds it."""
+    layer = np.array(broden_tiny.seg[2][1])
+    layer[0, 0] = label
+    path = broden_tiny.root / "images" / "seg" / "a2_part.png"
+    write_label_png(path, layer)
+    ds = BrodenDataset(broden_tiny.root)
+    seg, _ = ds.load_segmentations([0, 1])       # other images still load
+    np.testing.assert_array_equal(seg[0], broden_tiny.seg[0])
+    with pytest.raises(DatasetError, match=f"a2_part.png .*line 4.*label number {label},"):
+        ds.load_segmentations([0, 2, 1])
+    with pytest.raises(DatasetError, match="a2_part.png"):
+        ds.load_segmentation(2)
+
+
 def test_loader_normalises_and_keeps_index_order(broden_tiny):
     ds = BrodenDataset(broden_tiny.root)
     mean, std = IMAGENET_MEAN, IMAGENET_STD

@@ -471,20 +471,32 @@ def encode_labels(labels: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def _label_pixels(path: str | os.PathLike[str]) -> np.ndarray:
+    """Label numbers of a segmentation PNG, (sh, sw), in the narrowest dtype that holds them.
+
+    RGB/RGBA: a uint16 view of each pixel's R and G bytes (little-endian R + 256 * G), made
+    without arithmetic; L, I;16 and I: the decoded values (uint8, uint16, int32).
+    """
+    with Image.open(path, formats=("PNG",)) as image:
+        mode = image.mode
+        if mode not in ("RGB", "RGBA", "L", "I", "I;16"):
+            raise ValueError(f"PNG mode {mode} is not a label encoding; expected RGB "
+                             f"(label = R + 256 * G) or single-channel L/I")
+        pixels = np.asarray(image)
+    if mode in ("L", "I", "I;16"):
+        return pixels
+    # bytes R, G of every pixel read as one little-endian uint16: R + 256 * G (B, A ignored)
+    return np.ndarray(pixels.shape[:2], dtype="<u2", buffer=pixels, offset=0,
+                      strides=pixels.strides[:2])
+
+
 def decode_segmentation(path: str | os.PathLike[str]) -> np.ndarray:
     """Label numbers of a segmentation PNG: R + 256 * G as int32 (sh, sw).
 
     Single-channel PNGs (mode L or I) hold the label number directly. Only the PNG decoder is
     tried (DESIGN.md §2: segmentations are PNGs): no other format's parser sees the file.
     """
-    with Image.open(path, formats=("PNG",)) as image:
-        if image.mode in ("L", "I", "I;16"):
-            return np.asarray(image).astype(np.int32)
-        if image.mode not in ("RGB", "RGBA"):
-            raise ValueError(f"PNG mode {image.mode} is not a label encoding; expected RGB "
-                             f"(label = R + 256 * G) or single-channel L/I")
-        pixels = np.asarray(image)
-    return pixels[..., 0].astype(np.int32) + pixels[..., 1].astype(np.int32) * 256
+    return _label_pixels(path).astype(np.int32)
 
 
 def pad_segmentations(items: Sequence[tuple[np.ndarray, np.ndarray]]
@@ -562,6 +574,9 @@ class BrodenDataset:
         self._allowed = parsed.known_labels.copy()  # known labels, and 0 (no label)
         if len(self._allowed):
             self._allowed[0] = True
+        # the largest T with every label 1..T in label.csv (label maps up to T need no lookup)
+        unknown = np.flatnonzero(~self._allowed)
+        self._known_prefix = int(unknown[0]) - 1 if len(unknown) else len(self._allowed) - 1
 
     @classmethod
     def from_parsed(cls, parsed: ParsedDataset) -> BrodenDataset:
@@ -671,6 +686,17 @@ class BrodenDataset:
                 f"index.csv says ih,iw = {entry.image_size[0]},{entry.image_size[1]}")
         return pixels
 
+    def _layer_files(self, index: int) -> list[str]:
+        """Segmentation PNGs of image ``index`` (relative to images/), selected categories in
+        category.csv's order."""
+        entry = self._entries[index]
+        return [name for category in self.categories
+                for name in entry.pixel_files.get(category, ())]
+
+    def _image_labels(self, index: int) -> list[int]:
+        entry = self._entries[index]
+        return [n for c in self.categories for n in entry.image_labels.get(c, ())]
+
     def load_segmentation(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Pixel label layers and image-level labels of image ``index``.
 
@@ -682,36 +708,42 @@ class BrodenDataset:
         image_labels:
             int32 (K,): the image-level label numbers of every selected category.
         """
-        entry = self._entries[index]
-        layers = []
-        for category in self.categories:
-            for name in entry.pixel_files.get(category, ()):
-                layers.append(self._decode_layer(index, name))
-        sh, sw = entry.seg_size
-        seg = np.stack(layers) if layers else np.zeros((0, sh, sw), dtype=np.int32)
-        labels = [n for c in self.categories for n in entry.image_labels.get(c, ())]
-        return seg, np.array(labels, dtype=np.int32)
+        seg, labels = self.load_segmentations([index])
+        return seg[0, :len(self._layer_files(index))], labels[0, :len(self._image_labels(index))]
 
-    def _decode_layer(self, index: int, name: str) -> np.ndarray:
+    def _decode_layer(self, index: int, name: str, out: np.ndarray) -> None:
+        """Decode segmentation PNG ``name`` of image ``index`` into int32 (sh, sw) ``out``."""
         entry = self._entries[index]
         path = self.root / "images" / name
         try:
-            layer = decode_segmentation(path)
+            layer = _label_pixels(path)
         except UNREADABLE as error:
             raise DatasetError(f"{path} ({self._where(index)}) cannot be read: {error}") from None
         if layer.shape != entry.seg_size:
             raise DatasetError(
                 f"{path} ({self._where(index)}) is {layer.shape[0]}x{layer.shape[1]}; "
                 f"index.csv says sh,sw = {entry.seg_size[0]},{entry.seg_size[1]}")
-        top = int(layer.max()) if layer.size else 0
-        # a table lookup (not np.unique) keeps this cheap: it runs for every PNG of every chunk
-        if top >= len(self._known) or not self._allowed[layer].all():
-            bad = sorted(set(np.unique(layer).tolist()) - set(np.flatnonzero(self._known).tolist())
-                         - {0})
-            raise DatasetError(
-                f"{path} ({self._where(index)}) holds label number {bad[0]}, "
-                f"which is not in label.csv")
-        return layer
+        np.copyto(out, layer, casting="unsafe")
+
+    def _check_labels(self, seg: np.ndarray, files: list[tuple[int, int, int, str]]) -> None:
+        """DatasetError naming the first file whose layer in int32 (n, Lmax, sh, sw) ``seg``
+        holds a label number not in label.csv; ``files`` is (row, layer, image index, name) per
+        decoded file.
+
+        One pass over the chunk finds its largest label (PNG values are never negative); only
+        when it is beyond the labels 1..T that are all known (Broden's labels are contiguous) is
+        each layer looked up in the table of known labels.
+        """
+        if not seg.size or seg.max() <= self._known_prefix:
+            return
+        for row, layer, index, name in files:
+            values = seg[row, layer]
+            if values.max() >= len(self._known) or not self._allowed[values].all():
+                bad = sorted(set(np.unique(values).tolist())
+                             - set(np.flatnonzero(self._known).tolist()) - {0})
+                raise DatasetError(
+                    f"{self.root / 'images' / name} ({self._where(index)}) holds label number "
+                    f"{bad[0]}, which is not in label.csv")
 
     def load_segmentations(self, indices: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
         """Zero-padded segmentations of several images.
@@ -723,14 +755,26 @@ class BrodenDataset:
         image_labels:
             int32 (n, Kmax), Kmax >= 1, zero-padded image-level labels.
         """
-        items = [self.load_segmentation(int(i)) for i in indices]
-        if not items:
+        rows = [int(i) for i in indices]
+        if not rows:
             sh, sw = self.seg_size
             return np.zeros((0, 1, sh, sw), np.int32), np.zeros((0, 1), np.int32)
-        try:
-            return pad_segmentations(items)
-        except ValueError as error:
-            raise DatasetError(f"{self.root / 'index.csv'}: {error}") from None
+        sizes = {self._entries[i].seg_size for i in rows}
+        if len(sizes) != 1:
+            raise DatasetError(f"{self.root / 'index.csv'}: segmentation sizes differ between "
+                               f"images: {sorted(sizes)}")
+        layer_files = [self._layer_files(i) for i in rows]
+        level = [self._image_labels(i) for i in rows]
+        seg = np.zeros((len(rows), max(1, max(map(len, layer_files))), *sizes.pop()), np.int32)
+        labels = np.zeros((len(rows), max(1, max(map(len, level)))), np.int32)
+        files = []
+        for row, (index, names) in enumerate(zip(rows, layer_files)):
+            for layer, name in enumerate(names):
+                self._decode_layer(index, name, seg[row, layer])
+                files.append((row, layer, index, name))
+            labels[row, :len(level[row])] = level[row]
+        self._check_labels(seg, files)
+        return seg, labels
 
     def image_level_labels(self, category: str) -> list[np.ndarray]:
         """Per selected image, int32 array of its image-level labels in ``category``."""
