@@ -275,10 +275,15 @@ def _sum_counts(*counts: IoUCounts) -> IoUCounts:
 Rows = tuple[int, int] | np.ndarray
 
 
-def _read_acts(reader: ActivationReader, rows: Rows) -> np.ndarray:
+def _read_acts(reader: ActivationReader, rows: Rows, stored: bool = False) -> np.ndarray:
+    """The rows' activations; ``stored``: in the cache's own dtype when the reader is a
+    :class:`CacheReader` (a float16 cache stays float16), else as the reader returns them."""
+    from dissect.record.cache import CacheReader
+
+    options = {"stored": True} if stored and isinstance(reader, CacheReader) else {}
     if isinstance(rows, tuple):
-        return reader.read(*rows)
-    return reader.read_rows(rows)  # type: ignore[attr-defined]
+        return reader.read(*rows, **options)  # type: ignore[call-arg]
+    return reader.read_rows(rows, **options)  # type: ignore[attr-defined]
 
 
 def _task_rows(n_images: int, size: int, images: np.ndarray | None) -> list[Rows]:
@@ -308,7 +313,9 @@ def check_images(images: Sequence[int] | np.ndarray | None, n_images: int) -> np
 def _threshold_chunk(reader: ActivationReader, rows: Rows, quantile: float,
                      n_values: int, threads: int | None) -> TopKQuantile:
     set_task_threads(threads)
-    acts = _read_acts(reader, rows)
+    # float16 as stored: TopKQuantile selects float16 values by integer keys (exactly as their
+    # float32 values order), several times faster than converting and partitioning float32
+    acts = _read_acts(reader, rows, stored=True)
     state = TopKQuantile(acts.shape[1], quantile, n_values)
     state.add(acts)
     return state

@@ -251,3 +251,33 @@ print(counts.intersection.sum() > 0, "distributed" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["True", "False"]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_thresholds_read_the_cache_as_stored_and_equal_numpy(tmp_path: Path, dtype) -> None:
+    """compute_thresholds reads the cache in its own dtype (float16 is selected by integer
+    keys, float32 as is); results equal numpy.quantile of the float32 values, with ties, -0,
+    +-inf and a NaN of either sign in the cache, for ranges and image subsets."""
+    rng = np.random.default_rng(8)
+    acts = rng.integers(-3, 4, size=(12, 5, 3, 4)).astype(dtype)    # many ties
+    acts[2, 0, 0, 0] = -0.0
+    acts[3, 1, 1, 1], acts[4, 1, 0, 0] = np.inf, -np.inf
+    acts[5, 2, 2, 2] = np.nan
+    acts[6, 3, 0, 1] = -np.float32(np.nan)
+    path = tmp_path / "c.h5"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("acts", data=acts, chunks=(4, 5, 3, 4))
+    reader = CacheReader(path)
+    assert reader.read(0, 4, stored=True).dtype == dtype
+    assert reader.read_rows([1, 0], stored=True).dtype == dtype
+    assert reader.read(0, 4).dtype == np.float32
+    for images in (None, np.array([0, 2, 3, 5, 6, 9, 11])):
+        rows = acts.astype(np.float32)[slice(None) if images is None else images]
+        for quantile in (0.005, 0.1, 0.5):
+            with np.errstate(invalid="ignore"):          # inf - inf in numpy's lerp
+                expected = np.array([np.quantile(rows[:, u].ravel(), 1 - quantile)
+                                     for u in range(5)])
+            for size in (1, 5, 12):
+                got = compute_thresholds(reader, quantile, chunk_size=size,
+                                         scheduler="synchronous", images=images)
+                np.testing.assert_array_equal(got, expected)

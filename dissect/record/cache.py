@@ -277,17 +277,24 @@ class CacheReader:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` as float32, e.g. (stop - start, U, h, w) for ``acts``."""
+    def read(self, start: int, stop: int, *, stored: bool = False) -> np.ndarray:
+        """Rows ``[start, stop)`` as float32, e.g. (stop - start, U, h, w) for ``acts``.
+
+        ``stored=True`` returns them in the cache's own dtype (float16 or float32) instead: no
+        conversion, for consumers that handle float16 themselves (the quantile's selection).
+        """
         with self._open() as file:
             data = file[self.name]
             if not 0 <= start <= stop <= data.shape[0]:
                 raise OptionError(f"rows [{start}, {stop}) are outside cache {self.path} "
                                   f"({data.shape[0]} rows)")
-            return data[start:stop].astype(np.float32, copy=False)
+            rows = data[start:stop]
+            return rows if stored else rows.astype(np.float32, copy=False)
 
-    def read_rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows ``indices`` (any order, repeats allowed) as float32, in the order given."""
+    def read_rows(self, indices: Sequence[int] | np.ndarray, *, stored: bool = False
+                  ) -> np.ndarray:
+        """Rows ``indices`` (any order, repeats allowed) as float32 (or, ``stored=True``, the
+        cache's dtype), in the order given."""
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
         with self._open() as file:
             data = file[self.name]
@@ -296,7 +303,8 @@ class CacheReader:
                 raise OptionError(f"row indices outside [0, {data.shape[0]}) for cache "
                                   f"{self.path}: {outside[:5].tolist()}")
             unique, inverse = np.unique(index, return_inverse=True)
-            out = np.empty((len(unique), *data.shape[1:]), dtype=np.float32)
+            out = np.empty((len(unique), *data.shape[1:]),
+                           dtype=data.dtype if stored else np.float32)
             # contiguous runs of the sorted unique rows are read as slices
             breaks = np.flatnonzero(np.diff(unique) != 1) + 1
             position = 0

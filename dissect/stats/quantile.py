@@ -31,17 +31,23 @@ def _half_keys(values: np.ndarray) -> np.ndarray:
     are flipped, so more negative floats get smaller keys. The map is its own inverse and is
     applied in place (the returned array is a view of ``values``). -0 sorts just below +0 (equal
     floats, so every order statistic keeps its value); NaN gets keys beyond +-inf (callers
-    track NaN separately, as :func:`_has_nan_half`).
+    track NaN separately, as :func:`_has_nan_keys`).
     """
     keys = values.view(np.int16)
     keys ^= (keys >> 15) & np.int16(0x7FFF)
     return keys
 
 
-def _has_nan_half(values: np.ndarray) -> np.ndarray:
-    """bool (U,): rows of float16 (U, m) ``values`` holding a NaN (exponent all ones, mantissa
-    nonzero)."""
-    return ((values.view(np.uint16) & np.uint16(0x7FFF)) > np.uint16(0x7C00)).any(axis=1)
+#: :func:`_half_keys` of +inf and -inf: NaN keys lie beyond them (above +inf for NaN with the
+#: sign bit clear, below -inf with it set).
+_KEY_INF = 0x7C00
+_KEY_MINUS_INF = -0x7C01
+
+
+def _has_nan_keys(keys: np.ndarray) -> np.ndarray:
+    """bool (U,): rows of int16 (U, m) :func:`_half_keys` holding a NaN's key (two integer
+    reductions, no temporary array)."""
+    return (keys.max(axis=1) > _KEY_INF) | (keys.min(axis=1) < _KEY_MINUS_INF)
 
 
 def _partition(values: np.ndarray, kth: int | list[int]) -> None:
@@ -180,15 +186,29 @@ class TopKQuantile:
         if np.may_share_memory(per_unit, values):    # partitioned in place below
             per_unit = per_unit.copy()
         self._count(per_unit.shape[1])
-        if per_unit.dtype == np.float16:
-            self.has_nan |= _has_nan_half(per_unit)
         # The chunk's own top K first (one partition of this private copy, in place), then
         # the merge with the buffer, which is at most 2 K values per unit.
-        top = _top_k(per_unit, self.k, in_place=True)
-        if per_unit.dtype != np.float16:   # NaN sorts last: a unit's NaN is in its top part
+        if per_unit.dtype == np.float16:
+            top = self._top_half(per_unit)
+        else:
+            top = _top_k(per_unit, self.k, in_place=True)
+            # NaN sorts last: a unit's NaN is in its top part
             self.has_nan |= np.isnan(top).any(axis=1)
         top = _compact(top)
         self.buffer = top if self.buffer is None else self._top([self.buffer, top])
+
+    def _top_half(self, values: np.ndarray) -> np.ndarray:
+        """The top K of every row of a private float16 (U, m) array, selected in place by their
+        order keys; records which rows hold a NaN. Only the kept values are turned back into
+        float16 bit patterns (the rest of ``values`` is left as keys)."""
+        keys = _half_keys(values)
+        self.has_nan |= _has_nan_keys(keys)
+        width = keys.shape[1]
+        if self.k < width:
+            keys.partition(width - self.k, axis=1)
+            keys = keys[:, width - self.k:]
+        _half_keys(keys.view(np.float16))          # back to float16 bit patterns, in place
+        return keys.view(np.float16)
 
     def merge(self, *others: TopKQuantile) -> TopKQuantile:
         """A new state holding the values of ``self`` and ``others`` (none is modified).
@@ -256,11 +276,13 @@ class TopKQuantile:
             _partition(part, wanted)
         a = part[:, lowest].astype(self.value_dtype)
         b = part[:, following - offset].astype(self.value_dtype)
-        # numpy's _lerp, evaluated in the buffer dtype with a Python-float weight.
-        diff = b - a
-        value = a + diff * gamma
-        if gamma >= 0.5:
-            value = b - diff * (1 - gamma)
+        # numpy's _lerp, evaluated in the buffer dtype with a Python-float weight (inf - inf is
+        # NaN, as numpy's result, without its warning)
+        with np.errstate(invalid="ignore"):
+            diff = b - a
+            value = a + diff * gamma
+            if gamma >= 0.5:
+                value = b - diff * (1 - gamma)
         out = np.asarray(value, dtype=np.float64)
         out[self.has_nan] = np.nan
         return out
