@@ -325,7 +325,7 @@ def _count_chunk(reader: ActivationReader, dataset: SegmentationSource, rows: Ro
                  thresholds: np.ndarray, primary: np.ndarray, n_categories: int, union: str,
                  threads: int | None, device: str | None) -> IoUCounts:
     set_task_threads(threads)
-    acts = _read_acts(reader, rows)
+    acts = _read_acts(reader, rows, stored=True)      # count_iou converts the active maps only
     seg, image_labels = dataset.load_segmentations(range(*rows) if isinstance(rows, tuple)
                                                    else rows)
     if device is None:

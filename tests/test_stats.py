@@ -514,6 +514,29 @@ def test_count_iou_with_and_without_prefilter_is_identical(monkeypatch, shape, s
         assert full.intersection.sum() > 0
 
 
+def test_count_iou_of_float16_equals_its_float32_values() -> None:
+    """float16 activations (the cache read as stored) give the counts of their float32 values:
+    the map maxima are taken in float16, NaN of either sign and +-inf included."""
+    rng = np.random.default_rng(5)
+    n, units, n_labels = 5, 7, 9
+    acts = rng.gamma(1.5, 0.4, size=(n, units, 7, 7)).astype(np.float16)
+    acts[0, 0, 3, 3] = np.nan
+    acts[1, 1, 0, 0] = -np.float32(np.nan)
+    acts[2, 2, 1, 1], acts[3, 3, 2, 2] = np.inf, -np.inf
+    seg = rng.integers(0, n_labels, size=(n, 2, 28, 28)).astype(np.int32)
+    image_labels = rng.integers(0, n_labels, size=(n, 2)).astype(np.int32)
+    primary = rng.integers(-1, 3, size=n_labels)
+    primary[0] = -1
+    values = acts.astype(np.float32)
+    thresholds = np.nanquantile(np.moveaxis(values, 1, 0).reshape(units, -1), 0.8, axis=1)
+    for union in ("touched", "annotated", "all"):
+        expected = count_iou(values, seg, image_labels, thresholds, primary, 3, union)
+        assert count_iou(acts, seg, image_labels, thresholds, primary, 3, union).equals(expected)
+        assert count_iou(torch.from_numpy(acts), seg, image_labels, thresholds, primary, 3,
+                         union).equals(expected)
+        assert expected.intersection.sum() > 0
+
+
 @pytest.mark.parametrize("cut_off", [None, 28 * 28])
 def test_count_iou_default_prefilter_choice_per_layer_shape(monkeypatch, cut_off) -> None:
     # The default (prefilter=None) at the benchmark's four layer shapes onto 112 x 112 labels:

@@ -632,7 +632,10 @@ def count_iou(
     primary = np.asarray(primary, dtype=np.int64)
     n_labels = len(primary)
     n_cat = int(n_categories)
-    acts_t = _as_tensor(acts, torch.float32, dev)
+    # float16 activations (a cache read as stored) stay float16 until a map is upsampled: the
+    # map maxima are exact in float16, and only the active maps are converted to float32
+    half = acts.dtype in (np.float16, torch.float16)
+    acts_t = _as_tensor(acts, torch.float16 if half else torch.float32, dev)
     seg = seg.cpu().numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
     image_labels = (image_labels.cpu().numpy() if isinstance(image_labels, torch.Tensor)
                     else np.asarray(image_labels)).astype(np.int64)
@@ -665,7 +668,7 @@ def count_iou(
     # -- active (image, unit) pairs, processed in batches of upsampled maps --------------
     below_np = threshold_below(np.asarray(thresholds))                            # (U,)
     below = torch.from_numpy(below_np).to(dev)
-    active = acts_t.reshape(n, n_units, h * w).amax(dim=2) > below
+    active = acts_t.reshape(n, n_units, h * w).amax(dim=2).float() > below
     pair_image_t, pair_unit_t = torch.nonzero(active, as_tuple=True)            # image-major
     pair_image, pair_unit = pair_image_t.cpu().numpy(), pair_unit_t.cpu().numpy()
     on_host = dev.type == "cpu"
@@ -676,7 +679,7 @@ def count_iou(
         # every active map of the chunk at once: (pair index, pixel) of its mask pixels
         found = _tiled_mask_pixels(
             acts_t.reshape(n * n_units, h, w).index_select(0, pair_image_t * n_units
-                                                           + pair_unit_t),
+                                                           + pair_unit_t).float(),
             below_np[pair_unit], (sh, sw))
         if found is not None:
             # grouped by image (a stable radix sort of 16-bit keys), pairs are image-major
@@ -703,7 +706,7 @@ def count_iou(
             which, pixel = chunk_which[first:last] - start, chunk_pixels[first:last]
         else:
             units_t = pair_unit_t[start:stop]
-            which, pixel = _upsample_threshold(acts_t[image].index_select(0, units_t),
+            which, pixel = _upsample_threshold(acts_t[image].index_select(0, units_t).float(),
                                                below_np[units] if on_host else below[units_t],
                                                (sh, sw))
         if image != compact_image:
