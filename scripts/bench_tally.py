@@ -14,7 +14,8 @@ The script writes, into a temporary directory (or ``--workdir``, reused when it 
 
 Per shape it then measures, each in a fresh subprocess (so peak RSS is per measurement):
 
-- ``floor``: reading the cache once and the label maps once (``CacheReader.read`` +
+- ``floor``: reading the cache once as stored and the label maps once (``CacheReader.read(...,
+  stored=True)``, float16 without conversion, +
   ``BrodenDataset.load_segmentations`` over the chunks, one worker), the I/O and decoding that
   any tally must do;
 - ``thresholds``: ``compute_thresholds`` (exact top-K quantile), 1 and 2 workers;
@@ -297,7 +298,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(1)
         cpu, start = time.process_time(), time.perf_counter()
         for a in range(0, n, chunk):
-            reader.read(a, min(a + chunk, n))
+            reader.read(a, min(a + chunk, n), stored=True)
             dataset.load_segmentations(range(a, min(a + chunk, n)))
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     else:
@@ -326,7 +327,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 #: The parts of the counting that :func:`breakdown` times, with the floor each is compared with.
 BREAKDOWN = [
-    ("read", "reading the cache (CacheReader.read; its own floor)", None),
+    ("read", "reading the cache as stored (CacheReader.read; its own floor)", None),
     ("png", "label PNG decoding (load_segmentations)",
      "PIL decode of the same PNGs (Image.open + np.asarray)"),
     ("bookkeeping", "label bookkeeping (_used_layers, _label_counts, per-image histograms)",
@@ -419,7 +420,7 @@ def breakdown(reader: Any, dataset: Any, chunk: int, thresholds_path: str, data:
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         start = clock()
-        acts = reader.read(a, b)
+        acts = reader.read(a, b, stored=True)         # as compute_counts reads it
         part["read"] += clock() - start
         start = clock()
         seg, image_labels = dataset.load_segmentations(range(a, b))
@@ -469,7 +470,8 @@ def thread_scaling(reader: Any, dataset: Any, chunk: int, thresholds_path: str
     size = max(1, min(chunk, n // 8))
     chunks = [(a, min(a + size, n)) for a in range(0, n, size)]
     thresholds = np.load(thresholds_path)
-    loaded = {c: (reader.read(*c), *dataset.load_segmentations(range(*c))) for c in chunks}
+    loaded = {c: (reader.read(*c, stored=True), *dataset.load_segmentations(range(*c)))
+              for c in chunks}
 
     def load(c: tuple[int, int]) -> None:
         dataset.load_segmentations(range(*c))

@@ -331,9 +331,11 @@ def _hot_tiles(values: np.ndarray, cutoff: np.ndarray, cells: int, n_tiles: tupl
     """
     n_maps, height, width = values.shape
     hot = np.zeros((n_maps, *n_tiles), dtype=bool)
-    which, position = np.nonzero(values.reshape(n_maps, height * width) > cutoff[:, None])
-    if len(which) == 0:
+    # one flat scan (NumPy's 2-d nonzero is several times slower per value)
+    found = np.flatnonzero(values.reshape(n_maps, height * width) > cutoff[:, None])
+    if len(found) == 0:
         return hot
+    which, position = np.divmod(found, height * width)
     row, column = np.divmod(position, width)
     for tile_y in _tiles_holding(row, cells, n_tiles[0]):
         for tile_x in _tiles_holding(column, cells, n_tiles[1]):
