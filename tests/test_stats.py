@@ -610,6 +610,28 @@ def test_quantile_float16_nan_of_either_sign() -> None:
     assert np.isnan(result[0]) and np.isnan(result[1]) and result[2] == 1.0
 
 
+def test_float16_order_keys_every_bit_pattern() -> None:
+    # all 65536 float16 patterns: the int32 keys order the non-NaN floats as float32 does
+    # (-0 just below +0), invert exactly, and the NaN check finds exactly the NaN patterns
+    from dissect.stats.quantile import _half_keys, _half_values, _has_nan_bits
+
+    values = np.arange(2 ** 16, dtype=np.uint16).view(np.float16)
+    keys = _half_keys(values[None])[0]
+    assert keys.dtype == np.int32 and len(np.unique(keys)) == 2 ** 16
+    np.testing.assert_array_equal(_half_values(keys).view(np.uint16), values.view(np.uint16))
+    finite = values[~np.isnan(values)]
+    ordered = finite[np.argsort(_half_keys(finite[None])[0], kind="stable")].astype(np.float32)
+    assert (np.diff(ordered) >= 0).all()
+    nan = np.isnan(values)
+    assert ((keys > _half_keys(np.array([[np.inf]], np.float16))[0, 0])
+            | (keys < _half_keys(np.array([[-np.inf]], np.float16))[0, 0]) == nan).all()
+    rows = values.reshape(256, 256)
+    np.testing.assert_array_equal(_has_nan_bits(rows.view(np.int16)), np.isnan(rows).any(1))
+    lone = np.zeros((2, 4), np.float16)
+    lone.view(np.uint16)[1, 2] = 0xFC01                      # the NaN next to -inf
+    np.testing.assert_array_equal(_has_nan_bits(lone.view(np.int16)), [False, True])
+
+
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.int16, np.uint8, np.uint16])
 @pytest.mark.parametrize("writeable", [True, False])
 def test_label_counts_equal_numpy_bincount(dtype, writeable: bool) -> None:
