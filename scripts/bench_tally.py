@@ -26,7 +26,10 @@ Per shape it then measures, each in a fresh subprocess (so peak RSS is per measu
 and prints the shapes side by side: ms/image, the ratios to the floor, prefilter on/off, 1/2
 workers, which path ``count_iou``'s default takes, and, on the 128 x 28 x 28 shape, the ratio to
 NetDissect-Lite's figures quoted in issue 14 (2.8 s quantile + 15.0 s tally per 1000 images on a
-2-core machine; quoted, not measured here).
+2-core machine; quoted, not measured here). ``--netdissect-lite CHECKOUT`` instead measures
+NetDissect-Lite's own quantile and tally on the same data at every shape, in this run
+(``scripts/bench_netdissect_lite.py``; a checkout of it is the user's to supply), and prints
+the ratios side by side.
 
 Usage::
 
@@ -649,6 +652,33 @@ def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[st
             print(f"every round, ms/image, {name}: " + "; ".join(
                 f"{key} " + " ".join(f"{v:.2f}" for v in values)
                 for key, values in results[s]["rounds"].items()))
+    if all("netdissect_lite" in results[s] for s in shapes):
+        report_netdissect_lite(shapes, results, names, width)
+    else:
+        report_quoted(results)
+    if args.breakdown != "off":
+        report_breakdown(shapes, results, names, width)
+    if args.diagnostics:
+        for s, name in zip(shapes, names):
+            scaling = results[s]["scaling"]
+            parts = []
+            for key, what in (("segs", "load_segmentations"), ("count", "count_iou")):
+                one, two = scaling[f"{key} x1"], scaling[f"{key} x2"]
+                parts.append(f"{what} {1000 * one / scaling['n']:.2f} ms/image, "
+                             f"1-thread/2-thread {one / two:.2f}")
+            print(f"thread pool diagnostics, {name}: " + "; ".join(parts))
+
+
+def netdissect_lite_runner() -> Any:
+    """scripts/bench_netdissect_lite.py, the module beside this script."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_netdissect_lite
+
+    return bench_netdissect_lite
+
+
+def report_quoted(results: dict[tuple[int, int], dict[str, Any]]) -> None:
+    """dissect against issue 14's quoted NetDissect-Lite figures (128 x 28 x 28 only)."""
     reference = NETDISSECT_LITE["shape"]
     if reference in results:
         r = results[reference]
@@ -663,17 +693,37 @@ def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[st
                   f"{ours_t + ours_c:.2f} ms/image; NetDissect-Lite / dissect: thresholds "
                   f"{quantile / ours_t:.1f}x, counting {tally / ours_c:.1f}x, both "
                   f"{(quantile + tally) / (ours_t + ours_c):.1f}x")
-    if args.breakdown != "off":
-        report_breakdown(shapes, results, names, width)
-    if args.diagnostics:
-        for s, name in zip(shapes, names):
-            scaling = results[s]["scaling"]
-            parts = []
-            for key, what in (("segs", "load_segmentations"), ("count", "count_iou")):
-                one, two = scaling[f"{key} x1"], scaling[f"{key} x2"]
-                parts.append(f"{what} {1000 * one / scaling['n']:.2f} ms/image, "
-                             f"1-thread/2-thread {one / two:.2f}")
-            print(f"thread pool diagnostics, {name}: " + "; ".join(parts))
+
+
+def report_netdissect_lite(shapes: list[tuple[int, int]],
+                           results: dict[tuple[int, int], dict[str, Any]], names: list[str],
+                           width: int) -> None:
+    """NetDissect-Lite measured in this run next to dissect, per shape."""
+    rows: list[tuple[str, list[str]]] = []
+    lite = [results[s]["netdissect_lite"] for s in shapes]
+    quantile = [r["quantile_s_per_1000"] for r in lite]
+    tally = [r["tally_s_per_1000"] for r in lite]
+    rows.append(("NetDissect-Lite quantile (sketch), ms/img", [f"{v:.2f}" for v in quantile]))
+    rows.append(("NetDissect-Lite tally, ms/img", [f"{v:.2f}" for v in tally]))
+    rows.append(("  its sketch vs exact quantile, max relative error",
+                 [f"{r['sketch_max_relative_error']:.1e}" for r in lite]))
+    for k in (1, 2):
+        ours_t = [results[s]["ms"][f"thresholds x{k}"] for s in shapes]
+        ours_c = [results[s]["ms"][f"counting x{k} prefilter {results[s]['auto']}"]
+                  for s in shapes]
+        rows.append((f"NetDissect-Lite / dissect x{k}: thresholds",
+                     [f"{q / t:.1f}" for q, t in zip(quantile, ours_t)]))
+        rows.append((f"NetDissect-Lite / dissect x{k}: counting",
+                     [f"{q / c:.1f}" for q, c in zip(tally, ours_c)]))
+        rows.append((f"NetDissect-Lite / dissect x{k}: both",
+                     [f"{(q + a) / (t + c):.1f}"
+                      for q, a, t, c in zip(quantile, tally, ours_t, ours_c)]))
+    print("NetDissect-Lite measured in this run (one process, PARALLEL = 1, label prefetch in "
+          "its own worker processes; scripts/bench_netdissect_lite.py)")
+    label_width = max(len(label) for label, _ in rows) + 2
+    print(f"{'':{label_width}s}" + "".join(f"{name:>{width}s}" for name in names))
+    for label, values in rows:
+        print(f"{label:{label_width}s}" + "".join(f"{v:>{width}s}" for v in values))
 
 
 def report_breakdown(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[str, Any]],
@@ -727,6 +777,10 @@ def main() -> None:
     parser.add_argument("--breakdown", default="on", choices=["on", "off", "only"],
                         help="time the counting's parts against their floors (default on); "
                              "'only': nothing else")
+    parser.add_argument("--netdissect-lite", type=Path, default=None, metavar="CHECKOUT",
+                        help="also time NetDissect-Lite's quantile and tally from this checkout "
+                             "on the same data, one fresh process per shape "
+                             "(scripts/bench_netdissect_lite.py), and print the ratios")
     # internal: one measurement in a subprocess
     parser.add_argument("--measure", default=None,
                         choices=["imports", "floor", "thresholds", "tally", "scaling",
@@ -740,6 +794,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat: {args.repeat} must be >= 1")
+    if args.netdissect_lite and not (args.netdissect_lite / "feature_operation.py").is_file():
+        parser.error(f"--netdissect-lite: {args.netdissect_lite} holds no feature_operation.py")
     if args.measure:
         print(json.dumps(measure(args)))
         return
@@ -776,6 +832,9 @@ def main() -> None:
         for units, size in shapes:
             began = time.perf_counter()
             results[(units, size)] = measure_shape(script, workdir, data, units, size, args)
+            if args.netdissect_lite is not None and args.breakdown != "only":
+                results[(units, size)]["netdissect_lite"] = netdissect_lite_runner().run(
+                    args.netdissect_lite, workdir, units, size)
             print(f"  measured {units}x{size}x{size} in {time.perf_counter() - began:.0f} s",
                   flush=True)
         print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f} on "
