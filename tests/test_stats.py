@@ -540,9 +540,11 @@ def test_count_iou_of_float16_equals_its_float32_values() -> None:
 @pytest.mark.parametrize("cut_off", [None, 28 * 28])
 def test_count_iou_default_prefilter_choice_per_layer_shape(monkeypatch, cut_off) -> None:
     # The default (prefilter=None) at the benchmark's four layer shapes onto 112 x 112 labels:
-    # with the measured setting (None: the full path everywhere) and with a size cut-off (small
-    # maps full path, large maps prefilter), the counts equal the full path's.
+    # with no cut-off (the full path everywhere) and with the measured one (maps from 28 x 28
+    # take the prefilter), the counts equal the full path's.
     import dissect.stats.iou as iou_module
+
+    assert iou_module._PREFILTER_MIN_CELLS == 28 * 28       # the measured default
 
     monkeypatch.setattr(iou_module, "_PREFILTER_MIN_CELLS", cut_off)
     calls = []

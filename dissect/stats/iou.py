@@ -207,11 +207,11 @@ _PREFILTER_MARGIN = 2.0 ** -18
 #: Source cells per tile side of the cell prefilter.
 _TILE_CELLS = 8
 #: The smallest maps (h * w values) ``count_iou`` uses the cell prefilter for by default; None:
-#: never. On the 2-core CPU of docs/benchmarks.md ("Tally at four layer shapes") the prefilter
-#: was slower than the full path at every measured shape (256 x 14 x 14, 128 x 28 x 28 and
-#: 64 x 56 x 56 onto 112 x 112; it does not apply to 7 x 7): the tiles' index work costs more
-#: than the upsampling and scan they save, so the default takes the full path everywhere.
-_PREFILTER_MIN_CELLS: int | None = None
+#: never. scripts/bench_tally.py (docs/benchmarks.md, "Tally at four layer shapes") measured
+#: it at 0.88-0.95x the full path's counting time at 28 x 28 in every run on two machines,
+#: 0.89-1.02x at 56 x 56, and 0.93-1.19x at 14 x 14 (the tiles' index work costs about what it
+#: saves on small maps; it does not apply to 7 x 7), so maps from 28 x 28 up take it.
+_PREFILTER_MIN_CELLS: int | None = 28 * 28
 #: Tiles upsampled by one call (as its channels; more made torch's kernel slower per value).
 _TILES_PER_CALL = 512
 
@@ -310,8 +310,7 @@ def prefilter_default(shape: tuple[int, int], size: tuple[int, int],
     applies (:func:`prefilter_applies`) to maps of at least ``_PREFILTER_MIN_CELLS`` values.
 
     The cut-off comes from scripts/bench_tally.py (docs/benchmarks.md, "Tally at four layer
-    shapes"); where the prefilter was measured slower, as it was at every shape so far, it is
-    None and the default is the full path.
+    shapes"): below it the prefilter was measured no faster than the full path.
     """
     return (_PREFILTER_MIN_CELLS is not None
             and int(shape[0]) * int(shape[1]) >= _PREFILTER_MIN_CELLS
@@ -620,8 +619,7 @@ def count_iou(
         hold a mask pixel are upsampled, with the full resize's values, so the counts are
         identical either way. True: use it wherever it applies (:func:`prefilter_applies`);
         False: never; None (default): where it was measured faster
-        (:func:`prefilter_default`, by map size; at present nowhere: on the CPU it was measured
-        slower than the full path at 14 x 14, 28 x 28 and 56 x 56 onto 112 x 112).
+        (:func:`prefilter_default`, by map size: on the CPU, maps of 28 x 28 values and more).
 
     Returns
     -------
