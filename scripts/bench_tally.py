@@ -43,7 +43,8 @@ more subprocess (one torch thread, the chunks in turn), the parts of the countin
 its own floor on the same inputs: label PNG decoding (``load_segmentations`` / PIL decoding of
 the same files), label bookkeeping (``_used_layers``, ``_label_counts``, ``_compact_labels``,
 ``_map_histograms`` / one bincount of the label maps plus the gather of the labels under the
-mask pixels), upsampling + thresholding (``_upsample_threshold`` / a bare ``F.interpolate`` of
+mask pixels), upsampling + thresholding (``_upsample_threshold``, or ``_tiled_mask_pixels`` where
+``count_iou``'s default takes the cell prefilter / a bare ``F.interpolate`` of
 the same maps, the faster of the planar and channels-last layouts) and the reductions
 (``_chunk_totals`` + ``dissect.parallel._sum_counts`` / an in-place add of the dense counts).
 The library's functions are wrapped with timers, not reimplemented.
@@ -335,7 +336,7 @@ BREAKDOWN = [
      "PIL decode of the same PNGs (Image.open + np.asarray)"),
     ("bookkeeping", "label bookkeeping (_used_layers, _label_counts, per-image histograms)",
      "one np.bincount of the chunk's label maps + gathering the labels under the mask pixels"),
-    ("upsample", "upsampling + thresholding (_upsample_threshold)",
+    ("upsample", "upsampling + thresholding (_upsample_threshold; prefilter: _tiled_mask_pixels)",
      "bare F.interpolate of the same active maps (planar or channels-last, the faster)"),
     ("reduce", "per-chunk reductions + merge (_chunk_totals, _sum_counts)",
      "adding the chunk's dense int64 counts into a total in place"),
@@ -397,13 +398,17 @@ def breakdown(reader: Any, dataset: Any, chunk: int, thresholds_path: str, data:
     def interpolate_floor(maps: Any, below: Any, size: tuple[int, int]) -> None:
         # the faster of the two layouts: planar (B, 1, h, w), or the maps as the channels of one
         # channels-last image (what _upsample_padded does, without its padding)
-        start = clock()
-        F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)
-        planar = clock() - start
-        start = clock()
-        F.interpolate(maps.permute(1, 2, 0).contiguous()[None].permute(0, 3, 1, 2),
-                      size=size, mode="bilinear", align_corners=False)
-        channels_last = clock() - start
+        # (in groups of at most 128 maps, about one image's: the prefilter's call has every
+        # active map of the chunk, which torch resizes more slowly at once)
+        planar = channels_last = 0.0
+        for group in maps.split(128):
+            start = clock()
+            F.interpolate(group[:, None], size=size, mode="bilinear", align_corners=False)
+            planar += clock() - start
+            start = clock()
+            F.interpolate(group.permute(1, 2, 0).contiguous()[None].permute(0, 3, 1, 2),
+                          size=size, mode="bilinear", align_corners=False)
+            channels_last += clock() - start
         # the wrapper adds both: take out the slower one
         floor["upsample"] -= max(planar, channels_last)
 
@@ -412,6 +417,7 @@ def breakdown(reader: Any, dataset: Any, chunk: int, thresholds_path: str, data:
         np.take(compact_seg, pixel, axis=1)
 
     timed("_upsample_threshold", "upsample", interpolate_floor)
+    timed("_tiled_mask_pixels", "upsample", interpolate_floor)     # the prefilter's path
     timed("_used_layers", "bookkeeping")
     timed("_label_counts", "bookkeeping")
     timed("_compact_labels", "bookkeeping")
