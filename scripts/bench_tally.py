@@ -586,6 +586,14 @@ def measure_shape(script: Path, workdir: Path, data: Path, units: int, size: int
     return out
 
 
+def print_table(rows: list[tuple[str, list[str]]], names: list[str], width: int) -> None:
+    """Rows of (label, one value per shape) under a header of the shapes' names."""
+    label_width = max(len(label) for label, _ in rows) + 2
+    print(f"{'':{label_width}s}" + "".join(f"{name:>{width}s}" for name in names))
+    for label, values in rows:
+        print(f"{label:{label_width}s}" + "".join(f"{v:>{width}s}" for v in values))
+
+
 def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[str, Any]],
            args: argparse.Namespace) -> None:
     """Print the shapes side by side."""
@@ -649,10 +657,7 @@ def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[st
     row("identical counts in every counting run",
         ["yes" if results[s]["identical"] else "NO" for s in shapes])
     row("peak RSS of any measurement, MB", [f"{results[s]['rss_mb']:.0f}" for s in shapes])
-    label_width = max(len(label) for label, _ in rows) + 2
-    print(f"{'':{label_width}s}" + "".join(f"{name:>{width}s}" for name in names))
-    for label, values in rows:
-        print(f"{label:{label_width}s}" + "".join(f"{v:>{width}s}" for v in values))
+    print_table(rows, names, width)
     if args.repeat > 1:
         for s, name in zip(shapes, names):
             print(f"every round, ms/image, {name}: " + "; ".join(
@@ -726,10 +731,7 @@ def report_netdissect_lite(shapes: list[tuple[int, int]],
                       for q, a, t, c in zip(quantile, tally, ours_t, ours_c)]))
     print("NetDissect-Lite measured in this run (one process, PARALLEL = 1, label prefetch in "
           "its own worker processes; scripts/bench_netdissect_lite.py)")
-    label_width = max(len(label) for label, _ in rows) + 2
-    print(f"{'':{label_width}s}" + "".join(f"{name:>{width}s}" for name in names))
-    for label, values in rows:
-        print(f"{label:{label_width}s}" + "".join(f"{v:>{width}s}" for v in values))
+    print_table(rows, names, width)
 
 
 def report_breakdown(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[str, Any]],
@@ -752,10 +754,7 @@ def report_breakdown(shapes: list[tuple[int, int]], results: dict[tuple[int, int
                                       for p in parts]))
     rows.append(("sum of the floors", [f"{1000 * sum(p['floor'].values()) / p['n']:.3f}"
                                        for p in parts]))
-    label_width = max(len(label) for label, _ in rows) + 2
-    print(f"{'':{label_width}s}" + "".join(f"{name:>{width}s}" for name in names))
-    for label, values in rows:
-        print(f"{label:{label_width}s}" + "".join(f"{v:>{width}s}" for v in values))
+    print_table(rows, names, width)
 
 
 def main() -> None:
@@ -835,11 +834,12 @@ def main() -> None:
         script = Path(__file__).resolve()
         load_before = f"{os.getloadavg()[0]:.2f}"
         results = {}
+        lite = netdissect_lite_runner() if args.netdissect_lite is not None else None
         for units, size in shapes:
             began = time.perf_counter()
             results[(units, size)] = measure_shape(script, workdir, data, units, size, args)
-            if args.netdissect_lite is not None and args.breakdown != "only":
-                results[(units, size)]["netdissect_lite"] = netdissect_lite_runner().run(
+            if lite is not None and args.breakdown != "only":
+                results[(units, size)]["netdissect_lite"] = lite.run(
                     args.netdissect_lite, workdir, units, size)
             print(f"  measured {units}x{size}x{size} in {time.perf_counter() - began:.0f} s",
                   flush=True)

@@ -208,8 +208,8 @@ _PREFILTER_MARGIN = 2.0 ** -18
 _TILE_CELLS = 8
 #: The smallest maps (h * w values) ``count_iou`` uses the cell prefilter for by default; None:
 #: never. scripts/bench_tally.py (docs/benchmarks.md, "Tally at four layer shapes") measured
-#: it at 0.88-0.95x the full path's counting time at 28 x 28 in every run on two machines,
-#: 0.89-1.02x at 56 x 56, and 0.93-1.19x at 14 x 14 (the tiles' index work costs about what it
+#: it at 0.84-0.95x the full path's counting time at 28 x 28 in every run on two machines,
+#: 0.89-1.02x at 56 x 56, and 0.92-1.19x at 14 x 14 (the tiles' index work costs about what it
 #: saves on small maps; it does not apply to 7 x 7), so maps from 28 x 28 up take it.
 _PREFILTER_MIN_CELLS: int | None = 28 * 28
 #: Tiles upsampled by one call (as its channels; more made torch's kernel slower per value).
