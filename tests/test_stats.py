@@ -394,6 +394,7 @@ def tiled_pixels(maps: np.ndarray, below: np.ndarray, size: tuple[int, int],
 
 
 @pytest.mark.parametrize("shape,size,cells", [
+    ((7, 7), (112, 112), 1), ((2, 3), (16, 24), 1), ((14, 7), (112, 112), 1),
     ((7, 7), (112, 112), 2), ((7, 7), (112, 112), 6), ((28, 28), (112, 112), 4),
     ((28, 28), (112, 112), 8), ((56, 56), (112, 112), 8), ((14, 7), (112, 112), 3),
     ((28, 14), (112, 112), 5), ((9, 5), (36, 80), 4), ((8, 8), (8, 8), 2)])
@@ -436,7 +437,7 @@ def test_prefilter_margin_values_at_the_cut_off() -> None:
         maps = palette[rng.integers(0, len(palette), size=(20, 28, 28))]
         maps[:, 0, 0] = largest                         # A = 4 in every map
         below = np.full(20, t, np.float32)
-        for cells in (2, 8):
+        for cells in (1, 2, 8):
             expected = full_pixels(maps, below, size)
             assert len(expected) > 0
             np.testing.assert_array_equal(tiled_pixels(maps, below, size, cells), expected)
@@ -450,8 +451,32 @@ def test_prefilter_applies_only_to_dyadic_enlargement_on_the_cpu() -> None:
     assert not prefilter_applies((28, 28), (84, 84))        # factor 3
     assert not prefilter_applies((224, 224), (112, 112))    # shrinking: antialiased
     assert not prefilter_applies((28, 28), (112, 112), device="meta")
-    assert prefilter_applies((14, 14), (112, 112))
-    assert not prefilter_applies((7, 7), (112, 112))        # smaller than one tile's window
+    assert prefilter_applies((14, 14), (112, 112)) and prefilter_applies((7, 7), (112, 112))
+    assert prefilter_applies((2, 2), (64, 64))
+    assert not prefilter_applies((1, 8), (16, 64))          # one row: no tile's window fits
+
+
+def test_pair_runs_batches_and_groups_hand_values() -> None:
+    from dissect.stats.iou import _image_runs, _pair_batches, _run_groups
+
+    runs = _image_runs(np.array([0, 0, 0, 1, 1, 2, 5, 5, 5, 5, 5]))
+    assert runs == [0, 3, 5, 6, 11]
+    assert _pair_batches(runs, 2) == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 8), (8, 10), (10, 11)]
+    # whole runs of at most 4 pairs, a run of 5 alone; [first, last) run indices
+    assert _run_groups(runs, 4) == [(0, 1), (1, 3), (3, 4)]
+    assert _run_groups(runs, 11) == [(0, 4)] and _run_groups(runs, 1) == [(0, 1), (1, 2),
+                                                                           (2, 3), (3, 4)]
+    assert _image_runs(np.zeros(0, np.int64)) == [0]
+    assert _run_groups([0], 4) == [] and _pair_batches([0], 4) == []
+
+
+def test_tile_cells_aim_at_sixteen_output_pixels_per_tile_side() -> None:
+    from dissect.stats.iou import _tile_cells
+
+    # 16 // factor source cells, the larger factor of the two sides, within 1 .. min(h, w) - 1
+    assert [_tile_cells((s, s), (112, 112)) for s in (7, 14, 28, 56)] == [1, 2, 4, 8]
+    assert _tile_cells((28, 14), (112, 112)) == 2 and _tile_cells((3, 64), (12, 128)) == 2
+    assert _tile_cells((2, 2), (64, 64)) == 1 and _tile_cells((5, 5), (10, 10)) == 4
 
 
 def test_hot_tiles_equal_a_max_pooling_of_the_windows() -> None:
@@ -459,7 +484,7 @@ def test_hot_tiles_equal_a_max_pooling_of_the_windows() -> None:
 
     rng = np.random.default_rng(5)
     for (h, w), cells in [((28, 28), 8), ((14, 14), 8), ((56, 28), 8), ((9, 17), 8),
-                          ((28, 28), 3), ((29, 30), 4)]:
+                          ((28, 28), 3), ((29, 30), 4), ((7, 7), 1), ((2, 5), 1)]:
         values = rng.standard_normal((12, h, w)).astype(np.float32)
         cutoff = np.full(12, 2.0, np.float32)
         cutoff[:2] = -10.0                                  # every tile hot
@@ -486,25 +511,38 @@ def test_prefilter_gives_way_to_the_full_path_for_non_finite_maps() -> None:
 
 
 @pytest.mark.parametrize("shape,seg_size", [((28, 28), (112, 112)), ((9, 5), (36, 40)),
-                                            ((13, 13), (56, 56)), ((8, 16), (64, 64))])
-def test_count_iou_with_and_without_prefilter_is_identical(monkeypatch, shape, seg_size) -> None:
+                                            ((13, 13), (56, 56)), ((8, 16), (64, 64)),
+                                            ((7, 7), (112, 112))])
+@pytest.mark.parametrize("tile_side,group_maps", [(16, 1024), (64, 7), (1, 1)])
+def test_count_iou_with_and_without_prefilter_is_identical(monkeypatch, shape, seg_size,
+                                                           tile_side, group_maps) -> None:
+    # tile sides of 1 to 8 cells; groups of whole images, of one image, and one image of more
+    # maps than a group: the image with a NaN map gives its group to the full path
     import dissect.stats.iou as iou_module
 
-    monkeypatch.setattr(iou_module, "_PREFILTER_MIN_CELLS", 0)
-    monkeypatch.setattr(iou_module, "_TILE_CELLS", 4)
+    monkeypatch.setattr(iou_module, "_TILE_SIDE", tile_side)
+    monkeypatch.setattr(iou_module, "_GROUP_MAPS", group_maps)
+    monkeypatch.setattr(iou_module, "_TILES", {})
     assert count_iou.__kwdefaults__["prefilter"] is None      # automatic (prefilter_default)
     rng = np.random.default_rng(11)
     n, units, n_labels = 6, 9, 12
     acts = rng.gamma(1.5, 0.4, size=(n, units, *shape)).astype(np.float16)
     acts[0, 0, :, :] = np.nan                                          # a broken map
+    acts[2, 3, 1, 1] = np.inf               # an active map with a non-finite value
     seg = rng.integers(0, n_labels, size=(n, 3, *seg_size)).astype(np.int32)
     seg[:, 2] = 0
+    seg[3, 1] = 0                           # images of one batch use different layer counts
     image_labels = rng.integers(0, n_labels, size=(n, 2)).astype(np.int32)
     primary = rng.integers(-1, 4, size=n_labels)
     primary[0] = -1
     values = acts.astype(np.float32)
     thresholds = np.nanquantile(np.moveaxis(values, 1, 0).reshape(units, -1), 0.9, axis=1)
     thresholds[1] = values[1, 1].max()                        # a threshold at a data value
+    calls = []
+    tiled_function = iou_module._tiled_mask_pixels
+    monkeypatch.setattr(iou_module, "_tiled_mask_pixels",
+                        lambda *args: calls.append(tiled_function(*args) is None) or
+                        tiled_function(*args))
     for union in ("touched", "annotated", "all"):
         full = count_iou(acts, seg, image_labels, thresholds, primary, 4, union,
                          prefilter=False)
@@ -512,6 +550,12 @@ def test_count_iou_with_and_without_prefilter_is_identical(monkeypatch, shape, s
                           prefilter=True)
         assert tiled.equals(full)
         assert full.intersection.sum() > 0
+    # where the prefilter applies, the group with the inf map gave way to the full path, and
+    # with groups smaller than the chunk's active maps the other groups took the prefilter
+    if iou_module.prefilter_applies(shape, seg_size):
+        assert True in calls and (False in calls) == (group_maps < n * units)
+    else:
+        assert not calls
 
 
 def test_count_iou_of_float16_equals_its_float32_values() -> None:
@@ -537,14 +581,14 @@ def test_count_iou_of_float16_equals_its_float32_values() -> None:
         assert expected.intersection.sum() > 0
 
 
-@pytest.mark.parametrize("cut_off", [None, 28 * 28])
+@pytest.mark.parametrize("cut_off", [None, 0, 28 * 28])
 def test_count_iou_default_prefilter_choice_per_layer_shape(monkeypatch, cut_off) -> None:
     # The default (prefilter=None) at the benchmark's four layer shapes onto 112 x 112 labels:
-    # with no cut-off (the full path everywhere) and with the measured one (maps from 28 x 28
-    # take the prefilter), the counts equal the full path's.
+    # with no cut-off (the full path everywhere), the measured one (every shape takes the
+    # prefilter) and one from 28 x 28, the counts equal the full path's.
     import dissect.stats.iou as iou_module
 
-    assert iou_module._PREFILTER_MIN_CELLS == 28 * 28       # the measured default
+    assert iou_module._PREFILTER_MIN_CELLS == 0       # the measured default
 
     monkeypatch.setattr(iou_module, "_PREFILTER_MIN_CELLS", cut_off)
     calls = []

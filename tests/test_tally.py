@@ -13,6 +13,7 @@ import pytest
 from dissect.data import BrodenDataset
 from dissect.errors import CacheError, OptionError
 from dissect.stats import count_iou, iou_from_counts, upsample_maps
+from dissect.stats.iou import prefilter_applies
 from dissect.tally import (
     DissectionResult,
     dissect_layer,
@@ -104,9 +105,12 @@ def assert_matches_reference(acts, seg, image_labels, thresholds, primary, n_cat
 
 
 @pytest.mark.parametrize("union", ["touched", "annotated", "all"])
-@pytest.mark.parametrize("seed, sh, sw", [(0, 13, 10), (1, 13, 10), (2, 16, 12)])
+@pytest.mark.parametrize("seed, sh, sw", [(0, 13, 10), (1, 13, 10), (2, 16, 12), (3, 12, 16),
+                                          (4, 24, 32)])
 def test_fast_path_equals_reference_random(union: str, seed: int, sh: int, sw: int) -> None:
-    """13x10: non-integer upsampling factors, a pixel count with no factor 16; 16x12: one."""
+    """13x10: non-integer upsampling factors, a pixel count with no factor 16; 16x12: one;
+    12x16 and 24x32: factors 4 and 8 (a power of two), so ``count_iou`` takes the cell
+    prefilter, with the maps of all six images in one batch."""
     rng = np.random.default_rng(seed)
     n, n_units, h, w = 6, 5, 3, 4
     # labels 1-4 color (0), 5-8 object (1), 9-10 scene (2, image-level), 11 no category;
@@ -125,7 +129,37 @@ def test_fast_path_equals_reference_random(union: str, seed: int, sh: int, sw: i
     acts = rng.normal(size=(n, n_units, h, w)).astype(np.float16).astype(np.float32)
     acts[:, 0] = np.round(acts[:, 0])                       # ties at the threshold
     thresholds = np.array([np.quantile(acts[:, u].ravel(), 0.8) for u in range(n_units)])
+    assert prefilter_applies((h, w), (sh, sw)) == (sh % h == 0 and sw % w == 0)
     assert_matches_reference(acts, seg, image_labels, thresholds, primary, 3, union)
+
+
+def test_many_labels_and_images_per_batch_equal_reference(monkeypatch) -> None:
+    """More than 255 labels in one batch of images (the compact label numbers need more than a
+    byte) and batches of a few images each, through the cell prefilter and the full path."""
+    import dissect.stats.iou as iou_module
+
+    rng = np.random.default_rng(9)
+    n, n_units, h, w, sh, sw = 7, 4, 4, 4, 16, 16
+    n_labels = 400
+    primary = rng.integers(-1, 3, size=n_labels)
+    primary[0] = -1
+    seg = rng.integers(0, n_labels, size=(n, 2, sh, sw)).astype(np.int32)
+    seg[2, 1] = 0
+    image_labels = rng.integers(0, n_labels, size=(n, 2)).astype(np.int32)
+    acts = rng.normal(size=(n, n_units, h, w)).astype(np.float32)
+    thresholds = np.quantile(np.moveaxis(acts, 1, 0).reshape(n_units, -1), 0.7, axis=1)
+    label_area, intersection, act_area = reference_counts(acts, seg, image_labels, thresholds,
+                                                          primary, 3, "touched")
+    assert intersection.sum() > 0
+    assert prefilter_applies((h, w), (sh, sw))
+    for group_maps in (1, 6, 1024):
+        monkeypatch.setattr(iou_module, "_GROUP_MAPS", group_maps)
+        for prefilter in (True, False):
+            fast = count_iou(acts, seg, image_labels, thresholds, primary, 3, "touched",
+                             prefilter=prefilter)
+            np.testing.assert_array_equal(fast.label_area, label_area)
+            np.testing.assert_array_equal(fast.intersection, intersection)
+            np.testing.assert_array_equal(fast.act_area, act_area)
 
 
 def test_segmentation_without_layers_counts_like_an_empty_layer() -> None:
