@@ -334,7 +334,7 @@ BREAKDOWN = [
     ("read", "reading the cache as stored (CacheReader.read; its own floor)", None),
     ("png", "label PNG decoding (load_segmentations)",
      "PIL decode of the same PNGs (Image.open + np.asarray)"),
-    ("bookkeeping", "label bookkeeping (_used_layers, _label_counts, per-image histograms)",
+    ("bookkeeping", "label bookkeeping (_used_layers, _label_counts, per-batch histograms)",
      "one np.bincount of the chunk's label maps + gathering the labels under the mask pixels"),
     ("upsample", "upsampling + thresholding (_upsample_threshold; prefilter: _tiled_mask_pixels)",
      "bare F.interpolate of the same active maps (planar or channels-last, the faster)"),

@@ -36,7 +36,7 @@ __all__ = [
 #: The union rules (``UNION_RULES``, from the one registry in dissect.config), as a type.
 UnionRule = Literal["touched", "annotated", "all"]
 
-# Upsampled maps are processed one image at a time, in batches of at most this many pixels
+# The full resize upsamples one image's maps at a time, in batches of at most this many pixels
 # (8 MB of float32).
 _BATCH_VALUES = 2 * 1024 * 1024
 #: Map sizes (h * w) up to which ``count_iou`` converts float16 maps before taking their maxima.
@@ -801,8 +801,8 @@ def _compact_labels(seg_images: np.ndarray, pixel_counts: np.ndarray, compact_of
     ``seg_images`` is their (g, Lyr', S) label layers (Lyr': the most any of them uses),
     ``pixel_counts`` their (L,) pixel label counts summed, ``compact_of`` an int64 (L,) scratch
     table that is zero except at ``previous`` (the labels of the images before; left zero except
-    at these images' labels). Returns (present int64 (k,) the labels, compact_seg int64
-    (Lyr', g * S) the renumbered layers, layer-major).
+    at these images' labels). Returns (present int64 (k,) the labels, compact_seg (Lyr', g * S)
+    the renumbered layers, layer-major: uint8 for k < 256, else int64).
     """
     compact_of[previous] = 0
     present = np.flatnonzero(pixel_counts)                                          # (k,)
