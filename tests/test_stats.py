@@ -517,7 +517,7 @@ def test_prefilter_gives_way_to_the_full_path_for_non_finite_maps() -> None:
 def test_count_iou_with_and_without_prefilter_is_identical(monkeypatch, shape, seg_size,
                                                            tile_side, group_maps) -> None:
     # tile sides of 1 to 8 cells; groups of whole images, of one image, and one image of more
-    # maps than a group: the image with a NaN map gives its group to the full path
+    # maps than a group: the group holding the inf map gives way to the full path
     import dissect.stats.iou as iou_module
 
     monkeypatch.setattr(iou_module, "_TILE_SIDE", tile_side)
@@ -538,11 +538,15 @@ def test_count_iou_with_and_without_prefilter_is_identical(monkeypatch, shape, s
     values = acts.astype(np.float32)
     thresholds = np.nanquantile(np.moveaxis(values, 1, 0).reshape(units, -1), 0.9, axis=1)
     thresholds[1] = values[1, 1].max()                        # a threshold at a data value
-    calls = []
+    calls = []              # per call of the prefilter: whether it gave way (None)
     tiled_function = iou_module._tiled_mask_pixels
-    monkeypatch.setattr(iou_module, "_tiled_mask_pixels",
-                        lambda *args: calls.append(tiled_function(*args) is None) or
-                        tiled_function(*args))
+
+    def spy(*args):
+        found = tiled_function(*args)
+        calls.append(found is None)
+        return found
+
+    monkeypatch.setattr(iou_module, "_tiled_mask_pixels", spy)
     for union in ("touched", "annotated", "all"):
         full = count_iou(acts, seg, image_labels, thresholds, primary, 4, union,
                          prefilter=False)
