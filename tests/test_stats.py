@@ -457,17 +457,26 @@ def test_prefilter_applies_only_to_dyadic_enlargement_on_the_cpu() -> None:
 
 
 def test_pair_runs_batches_and_groups_hand_values() -> None:
-    from dissect.stats.iou import _image_runs, _pair_batches, _run_groups
+    from dissect.stats.iou import _image_runs, _pair_batches, _pair_groups
 
     runs = _image_runs(np.array([0, 0, 0, 1, 1, 2, 5, 5, 5, 5, 5]))
     assert runs == [0, 3, 5, 6, 11]
     assert _pair_batches(runs, 2) == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 8), (8, 10), (10, 11)]
-    # whole runs of at most 4 pairs, a run of 5 alone; [first, last) run indices
-    assert _run_groups(runs, 4) == [(0, 1), (1, 3), (3, 4)]
-    assert _run_groups(runs, 11) == [(0, 4)] and _run_groups(runs, 1) == [(0, 1), (1, 2),
-                                                                           (2, 3), (3, 4)]
+    # whole runs of at most 4 pairs; the run of 5 is split (4 + 1)
+    ones = np.ones(11, np.int64)
+    assert _pair_groups(runs, ones, 4, 100, 100) == [(0, 3), (3, 6), (6, 10), (10, 11)]
+    assert _pair_groups(runs, ones, 11, 100, 100) == [(0, 11)]
+    assert _pair_groups(runs, ones, 1, 100, 100) == [(i, i + 1) for i in range(11)]
+    # at most 2 images a group
+    assert _pair_groups(runs, ones, 100, 100, 2) == [(0, 5), (5, 11)]
+    assert _pair_groups(runs, ones, 100, 100, 1) == [(0, 3), (3, 5), (5, 6), (6, 11)]
+    # by cost: at most 10 per group; a pair costing more than that is a group of its own
+    cost = np.array([1, 1, 1, 4, 4, 2, 30, 1, 1, 1, 1])
+    assert _pair_groups(runs, cost, 100, 10, 100) == [(0, 3), (3, 6), (6, 7), (7, 11)]
+    assert _pair_groups(runs, cost, 100, 10 ** 6, 100) == [(0, 11)]
     assert _image_runs(np.zeros(0, np.int64)) == [0]
-    assert _run_groups([0], 4) == [] and _pair_batches([0], 4) == []
+    assert _pair_groups([0], np.zeros(0, np.int64), 4, 10, 1) == []
+    assert _pair_batches([0], 4) == []
 
 
 def test_tile_cells_aim_at_sixteen_output_pixels_per_tile_side() -> None:
@@ -538,28 +547,57 @@ def test_count_iou_with_and_without_prefilter_is_identical(monkeypatch, shape, s
     values = acts.astype(np.float32)
     thresholds = np.nanquantile(np.moveaxis(values, 1, 0).reshape(units, -1), 0.9, axis=1)
     thresholds[1] = values[1, 1].max()                        # a threshold at a data value
-    calls = []              # per call of the prefilter: whether it gave way (None)
-    tiled_function = iou_module._tiled_mask_pixels
+    calls = []              # per batch of maps: through the prefilter (True) or not
+    for name, tiled in (("_tiled_mask_pixels", True), ("_upsample_threshold", False)):
+        def spy(*args, function=getattr(iou_module, name), tiled=tiled, **kwargs):
+            calls.append(tiled)
+            return function(*args, **kwargs)
 
-    def spy(*args):
-        found = tiled_function(*args)
-        calls.append(found is None)
-        return found
-
-    monkeypatch.setattr(iou_module, "_tiled_mask_pixels", spy)
+        monkeypatch.setattr(iou_module, name, spy)
     for union in ("touched", "annotated", "all"):
         full = count_iou(acts, seg, image_labels, thresholds, primary, 4, union,
                          prefilter=False)
+        calls.clear()
         tiled = count_iou(acts, seg, image_labels, thresholds, primary, 4, union,
                           prefilter=True)
         assert tiled.equals(full)
         assert full.intersection.sum() > 0
-    # where the prefilter applies, the group with the inf map gave way to the full path, and
-    # with groups smaller than the chunk's active maps the other groups took the prefilter
+    # in the last prefilter=True run: where the prefilter applies, the group with the inf map took the full path, and with
+    # groups smaller than the chunk's active maps the other groups took the prefilter
+    assert False in calls
     if iou_module.prefilter_applies(shape, seg_size):
-        assert True in calls and (False in calls) == (group_maps < n * units)
+        assert (True in calls) == (group_maps < n * units)
     else:
-        assert not calls
+        assert True not in calls
+
+
+def test_prefilter_groups_are_bounded_by_the_pixels_of_their_hot_tiles(monkeypatch) -> None:
+    # Thresholds below every value: every tile is hot and every pixel a mask pixel. With a
+    # budget of 2 maps' pixels a group, an image's maps are split into groups of at most 2 (the
+    # memory of a group's pixels stays bounded), and the counts equal the full path's.
+    import dissect.stats.iou as iou_module
+
+    rng = np.random.default_rng(4)
+    n, units, n_labels, size = 3, 5, 7, (32, 32)
+    acts = rng.normal(size=(n, units, 4, 4)).astype(np.float32)
+    seg = rng.integers(0, n_labels, size=(n, 2, *size)).astype(np.int32)
+    image_labels = rng.integers(0, n_labels, size=(n, 1)).astype(np.int32)
+    primary = rng.integers(-1, 3, size=n_labels)
+    primary[0] = -1
+    thresholds = np.full(units, acts.min() - 1.0)
+    full = count_iou(acts, seg, image_labels, thresholds, primary, 3, prefilter=False)
+    assert full.act_area.sum() > 0
+    monkeypatch.setattr(iou_module, "_BATCH_VALUES", 2 * size[0] * size[1])
+    sizes = []
+    tiled_function = iou_module._tiled_mask_pixels
+
+    def spy(maps, *args, **kwargs):
+        sizes.append(len(maps))
+        return tiled_function(maps, *args, **kwargs)
+
+    monkeypatch.setattr(iou_module, "_tiled_mask_pixels", spy)
+    assert count_iou(acts, seg, image_labels, thresholds, primary, 3, prefilter=True).equals(full)
+    assert sizes == [2, 2, 1] * n                   # 5 maps an image: 2 + 2 + 1
 
 
 def test_count_iou_of_float16_equals_its_float32_values() -> None:
