@@ -43,10 +43,11 @@ more subprocess (one torch thread, the chunks in turn), the parts of the countin
 its own floor on the same inputs: label PNG decoding (``load_segmentations`` / PIL decoding of
 the same files), label bookkeeping (``_used_layers``, ``_label_counts``, ``_compact_labels``,
 ``_map_histograms`` / one bincount of the label maps plus the gather of the labels under the
-mask pixels), upsampling + thresholding (``_upsample_threshold``, or ``_tiled_mask_pixels`` where
-``count_iou``'s default takes the cell prefilter / a bare ``F.interpolate`` of
-the same maps, the faster of the planar and channels-last layouts) and the reductions
-(``_chunk_totals`` + ``dissect.parallel._sum_counts`` / an in-place add of the dense counts).
+mask pixels), upsampling + thresholding (``_upsample_threshold``, or ``_hot_tile_maps`` and
+``_tiled_mask_pixels`` where ``count_iou``'s default takes the cell prefilter / a bare
+``F.interpolate`` of the same maps, the faster of the planar and channels-last layouts) and the
+reductions (``_chunk_totals`` + ``dissect.parallel._sum_counts`` / an in-place add of the dense
+counts).
 The library's functions are wrapped with timers, not reimplemented.
 
 ``--diagnostics`` adds, per shape, a line timing with a plain 1- and 2-thread pool the label-map
@@ -336,7 +337,8 @@ BREAKDOWN = [
      "PIL decode of the same PNGs (Image.open + np.asarray)"),
     ("bookkeeping", "label bookkeeping (_used_layers, _label_counts, per-batch histograms)",
      "one np.bincount of the chunk's label maps + gathering the labels under the mask pixels"),
-    ("upsample", "upsampling + thresholding (_upsample_threshold; prefilter: _tiled_mask_pixels)",
+    ("upsample", "upsampling + thresholding (_upsample_threshold; prefilter: _hot_tile_maps, "
+                 "_tiled_mask_pixels)",
      "bare F.interpolate of the same active maps (planar or channels-last, the faster)"),
     ("reduce", "per-chunk reductions + merge (_chunk_totals, _sum_counts)",
      "adding the chunk's dense int64 counts into a total in place"),
@@ -418,6 +420,7 @@ def breakdown(reader: Any, dataset: Any, chunk: int, thresholds_path: str, data:
 
     timed("_upsample_threshold", "upsample", interpolate_floor)
     timed("_tiled_mask_pixels", "upsample", interpolate_floor)     # the prefilter's path
+    timed("_hot_tile_maps", "upsample")                  # its hot tiles, once per chunk
     timed("_used_layers", "bookkeeping")
     timed("_label_counts", "bookkeeping")
     timed("_compact_labels", "bookkeeping")
