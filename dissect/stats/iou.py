@@ -374,22 +374,10 @@ def _tiles_holding(index: np.ndarray, cells: int, n_tiles: int) -> tuple[np.ndar
     return np.minimum(tile, n_tiles - 1), np.minimum(previous, n_tiles - 1)
 
 
-def _prefilter_cutoffs(flat: np.ndarray, below: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The cell prefilter's cut-offs of float32 (B, h * w) maps with float32 (B,) thresholds
-    ``below``: float32 (B,) ``t - 2**-18 A`` rounded down (A: a map's largest absolute value;
-    see :func:`_tiled_mask_pixels`), and bool (B,) whether each map is finite (its cut-off is
-    meaningless otherwise)."""
-    largest = np.maximum(flat.max(axis=1), -flat.min(axis=1)).astype(np.float64)   # (B,)
-    finite = np.isfinite(largest)
-    with np.errstate(invalid="ignore"):
-        cutoff = threshold_below(below.astype(np.float64) - _PREFILTER_MARGIN * largest)
-    return cutoff, finite
-
-
-def _hot_tile_maps(maps: torch.Tensor, below: np.ndarray, size: tuple[int, int]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _hot_tile_maps(maps: torch.Tensor, below: np.ndarray, size: tuple[int, int],
+                   cells: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The cell prefilter's hot tiles of float32 (B, h, w) CPU maps with (B,) thresholds
-    ``below`` (tiles of :func:`_tile_cells` cells).
+    ``below`` (tiles of ``cells`` cells, default :func:`_tile_cells`).
 
     Returns (hot bool (B, ty, tx) (:func:`_hot_tiles`; none for a map with a non-finite value),
     owned int64 (B,) the output pixels owned by a map's hot tiles: a bound on its mask pixels
@@ -397,11 +385,19 @@ def _hot_tile_maps(maps: torch.Tensor, below: np.ndarray, size: tuple[int, int]
     for a non-finite map), finite bool (B,)).
     """
     n_maps, height, width = maps.shape
-    cells = _tile_cells((height, width), size)
+    cells = _tile_cells((height, width), size) if cells is None else cells
     rows, columns = _tiles(height, width, size, cells)  # type: ignore[misc]
     values = maps.numpy()
-    cutoff, finite = _prefilter_cutoffs(values.reshape(n_maps, height * width), below)
-    cutoff[~finite] = np.inf                             # no value passes: no hot tile
+    flat = values.reshape(n_maps, height * width)
+    largest = np.maximum(flat.max(axis=1), -flat.min(axis=1)).astype(np.float64)   # (B,)
+    finite = np.isfinite(largest)
+    # the cut-off t - 2**-18 A, rounded down (see _tiled_mask_pixels); a map with a non-finite
+    # value gets +inf: no value passes, no hot tile
+    with np.errstate(invalid="ignore"):
+        cutoff = threshold_below(below.astype(np.float64) - _PREFILTER_MARGIN * largest)
+    cutoff[~finite] = np.inf
+    # A tile is hot when a value its owned pixels read exceeds the cut-off: the source rows
+    # [j * cells, j * cells + cells] (clipped to the map) for tile j, and the same for columns.
     hot = _hot_tiles(values, cutoff, cells, (len(rows.start), len(columns.start)))
     tile_pixels = ((rows.owned[:, 1] - rows.owned[:, 0])[:, None]
                    * (columns.owned[:, 1] - columns.owned[:, 0])[None, :])        # (ty, tx)
@@ -456,16 +452,11 @@ def _tiled_mask_pixels(maps: torch.Tensor, below: np.ndarray, size: tuple[int, i
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if n_maps == 0:
         return empty
-    values = maps.numpy()
-    flat = values.reshape(n_maps, height * width)
     if hot is None:
-        cutoff, finite = _prefilter_cutoffs(flat, below)
+        hot, _, finite = _hot_tile_maps(maps, below, size, cells)
         if not finite.all():
             return None
-        # A tile is hot when a value its owned pixels read exceeds the cut-off: the source
-        # rows [j * cells, j * cells + cells] (clipped to the map) for tile j, and the same
-        # for columns.
-        hot = _hot_tiles(values, cutoff, cells, (len(rows.start), len(columns.start)))
+    flat = maps.numpy().reshape(n_maps, height * width)
     which, tile_y, tile_x = np.nonzero(hot)                                     # (T,) each
     if len(which) == 0:
         return empty
@@ -688,7 +679,7 @@ def _mask_batches(maps_of: Callable[[int, int], torch.Tensor], pair_image: np.nd
             yield low, high, *_tiled_mask_pixels(maps[low:high], below[low:high], size,
                                                  hot=hot[low:high])
             continue
-        group_runs = sorted({low, high, *(r for r in runs if low < r < high)})
+        group_runs = [low, *(r for r in runs if low < r < high), high]
         for start, stop in _pair_batches(group_runs, max_maps):
             yield start, stop, *_upsample_threshold(maps[start:stop], below[start:stop], size)
 
