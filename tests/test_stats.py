@@ -661,8 +661,51 @@ def test_count_iou_default_prefilter_choice_per_layer_shape(monkeypatch, cut_off
         assert chosen.equals(full) and full.intersection.sum() > 0
 
 
+def test_quantile_add_in_unit_blocks_keeps_nan_sign_and_input(monkeypatch) -> None:
+    # a chunk is selected in blocks of units (each its own sign check and NaN check): units with
+    # NaN, with negative values or with only non-negative ones land in different blocks; the
+    # result equals numpy for every block size and both float16 key widths, and the caller's
+    # array (here a non-contiguous view) is left as it was
+    import dissect.stats.quantile as quantile_module
+
+    rng = np.random.default_rng(11)
+    base = rng.gamma(1.0, 1.0, size=(9, 7, 4, 5))
+    base[:, 2] -= 3.0                                       # unit 2: mostly negative
+    base[4, 5, 1, 1] = np.nan                               # unit 5: NaN
+    base[:, 6] = 0.0                                        # unit 6: all zero (ties)
+    for dtype in (np.float16, np.float32, np.float64):
+        chunk = base.astype(dtype)
+        chunk[5, 3, 0, 0] = -np.inf                         # unit 3: one -inf
+        view = np.swapaxes(np.swapaxes(chunk, 2, 3).copy(), 2, 3)     # same values, strided
+        expected = [np.quantile(chunk[:, u].astype(np.float32 if dtype != np.float64
+                                                    else np.float64).ravel(), 0.9)
+                    for u in range(7)]
+        for block in (7, 20, 45, 2 ** 19):
+            for int16 in (True, False):
+                monkeypatch.setattr(quantile_module, "_BLOCK_VALUES", block)
+                monkeypatch.setattr(quantile_module, "_SELECT_INT16", int16)
+                before = view.copy()
+                top = TopKQuantile(7, 0.1, 9 * 20)
+                top.add(view[:4])
+                top.add(view[4:])
+                np.testing.assert_array_equal(view, before)
+                np.testing.assert_array_equal(top.result(), expected)
+                assert np.isnan(top.result()[5]) and top.has_nan.tolist() == [
+                    False] * 5 + [True, False]
+
+
 # ----------------------------------------------------------------------------- quantile, float16
-def test_quantile_of_float16_values_as_stored() -> None:
+@pytest.fixture(params=[True, False], ids=["int16-keys", "int32-keys"])
+def key_width(request, monkeypatch) -> bool:
+    """Both ways float16 order keys are selected: as int16 (NumPy with 16-bit SIMD selection)
+    and widened to int32 (elsewhere); the machine running the tests picks one by default."""
+    from dissect.stats import quantile as quantile_module
+
+    monkeypatch.setattr(quantile_module, "_SELECT_INT16", request.param)
+    return request.param
+
+
+def test_quantile_of_float16_values_as_stored(key_width) -> None:
     # float16 arrays (a cache read without conversion) are selected by integer order keys:
     # negative values, -0 / +0, infinities, ties; equal to numpy on the float32 values, and the
     # caller's array is left alone (a single image is a view that could be partitioned in place)
@@ -673,21 +716,28 @@ def test_quantile_of_float16_values_as_stored() -> None:
     values[6:, 2] = 0.0
     values[3, 3, 0, 0] = np.inf
     values[4, 3, 0, 0] = -np.inf
-    for quantile in (0.005, 0.3, 0.5, 0.95):
-        top = TopKQuantile(4, quantile, 12 * 9)
-        for i in range(12):
-            before = values[i:i + 1].copy()
-            top.add(values[i:i + 1])
-            np.testing.assert_array_equal(values[i:i + 1], before)
-        assert top.buffer.dtype == np.float16
-        np.testing.assert_array_equal(top.result(), numpy_thresholds(values, quantile))
-        whole = TopKQuantile(4, quantile, 12 * 9)
-        whole.add(values.astype(np.float32))
-        np.testing.assert_array_equal(whole.merge(TopKQuantile(4, quantile, 12 * 9)).result(),
-                                      top.result())
+    relu = np.maximum(values, np.float16(0))             # no sign bit anywhere: keys are the bits
+    relu[:, 2] = np.float16(0.5)
+    for chunk in (values, relu):
+        for quantile in (0.005, 0.3, 0.5, 0.95):
+            top = TopKQuantile(4, quantile, 12 * 9)
+            for i in range(12):
+                before = chunk[i:i + 1].copy()
+                top.add(chunk[i:i + 1])
+                np.testing.assert_array_equal(chunk[i:i + 1], before)
+            assert top.buffer.dtype == np.float16
+            np.testing.assert_array_equal(top.result(), numpy_thresholds(chunk, quantile))
+            whole = TopKQuantile(4, quantile, 12 * 9)
+            whole.add(chunk.astype(np.float32))
+            np.testing.assert_array_equal(whole.merge(TopKQuantile(4, quantile, 12 * 9)).result(),
+                                          top.result())
+            halves = TopKQuantile(4, quantile, 12 * 9)
+            halves.add(chunk[:7])
+            np.testing.assert_array_equal(halves.merge(top.__class__(4, quantile, 12 * 9))
+                                          .result(), numpy_thresholds(chunk[:7], quantile))
 
 
-def test_quantile_float16_nan_of_either_sign() -> None:
+def test_quantile_float16_nan_of_either_sign(key_width) -> None:
     values = np.ones((4, 3, 2), dtype=np.float16)
     bits = values.view(np.uint16)
     bits[1, 0, 0] = 0x7E00                      # NaN
@@ -698,26 +748,48 @@ def test_quantile_float16_nan_of_either_sign() -> None:
     assert np.isnan(result[0]) and np.isnan(result[1]) and result[2] == 1.0
 
 
-def test_float16_order_keys_every_bit_pattern() -> None:
-    # all 65536 float16 patterns: the int32 keys order the non-NaN floats as float32 does
-    # (-0 just below +0), invert exactly, and the NaN check finds exactly the NaN patterns
-    from dissect.stats.quantile import _half_keys, _half_values, _has_nan_bits
+def test_float16_partition_every_bit_pattern(key_width) -> None:
+    # all 65536 float16 patterns: the in-place order keys order the non-NaN floats as float32
+    # does (-0 just below +0) and are their own inverse; a partition by them puts at every
+    # position the value np.partition of the float32 values puts there; the NaN check finds
+    # exactly the NaN patterns
+    from dissect.stats.quantile import _flip_negative, _has_nan_bits, _partition
 
     values = np.arange(2 ** 16, dtype=np.uint16).view(np.float16)
-    keys = _half_keys(values[None])[0]
-    assert keys.dtype == np.int32 and len(np.unique(keys)) == 2 ** 16
-    np.testing.assert_array_equal(_half_values(keys).view(np.uint16), values.view(np.uint16))
-    finite = values[~np.isnan(values)]
-    ordered = finite[np.argsort(_half_keys(finite[None])[0], kind="stable")].astype(np.float32)
+    keys = values.view(np.int16).copy()
+    _flip_negative(keys)
+    assert len(np.unique(keys)) == 2 ** 16
+    back = keys.copy()
+    _flip_negative(back)
+    np.testing.assert_array_equal(back.view(np.uint16), values.view(np.uint16))
+    finite = ~np.isnan(values)
+    ordered = values[finite][np.argsort(keys[finite], kind="stable")].astype(np.float32)
     assert (np.diff(ordered) >= 0).all()
-    nan = np.isnan(values)
-    assert ((keys > _half_keys(np.array([[np.inf]], np.float16))[0, 0])
-            | (keys < _half_keys(np.array([[-np.inf]], np.float16))[0, 0]) == nan).all()
-    rows = values.reshape(256, 256)
-    np.testing.assert_array_equal(_has_nan_bits(rows.view(np.int16)), np.isnan(rows).any(1))
+    inf_key, minus_inf_key = keys[values.view(np.uint16) == 0x7C00], keys[
+        values.view(np.uint16) == 0xFC00]
+    assert ((keys > inf_key) | (keys < minus_inf_key) == ~finite).all()
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(values[finite])[:62 * 1024].reshape(62, 1024)     # shuffled
+    expected = np.partition(rows.astype(np.float32), [3, 500, 1020], axis=1)
+    for negative in (None, True):
+        part = rows.copy()
+        _partition(part, [3, 500, 1020], negative)
+        np.testing.assert_array_equal(part[:, [3, 500, 1020]].astype(np.float32),
+                                      expected[:, [3, 500, 1020]])
+        np.testing.assert_array_equal(np.sort(part, axis=1), np.sort(rows, axis=1))
+    positive = np.abs(rows)                          # sign bits clear: keys are the bits
+    part = positive.copy()
+    _partition(part, [3, 500], negative=False)
+    np.testing.assert_array_equal(part[:, [3, 500]], np.partition(positive.astype(np.float32),
+                                                                  [3, 500], axis=1)[:, [3, 500]])
+    square = values.reshape(256, 256)
+    np.testing.assert_array_equal(_has_nan_bits(square.view(np.int16)), np.isnan(square).any(1))
     lone = np.zeros((2, 4), np.float16)
     lone.view(np.uint16)[1, 2] = 0xFC01                      # the NaN next to -inf
     np.testing.assert_array_equal(_has_nan_bits(lone.view(np.int16)), [False, True])
+    lone.view(np.uint16)[1, 2] = 0x7C01                      # the NaN next to +inf
+    np.testing.assert_array_equal(_has_nan_bits(lone.view(np.int16), negative=False),
+                                  [False, True])
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.int16, np.uint8, np.uint16])

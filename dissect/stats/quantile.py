@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -10,8 +11,10 @@ import torch
 __all__ = ["TopKQuantile", "quantile_positions"]
 
 
-#: Values a merge handles at once besides its result (64 MB of float32).
-_BLOCK_VALUES = 16 * 2**20
+#: Values a selection copies and partitions at once (a block of units; at least one unit): 1 MB
+#: of float16, so the block stays in a core's cache from its copy to its partition (whole
+#: chunks measured 1.2-1.3x slower), and besides its result a chunk or a merge holds no more.
+_BLOCK_VALUES = 2**19
 
 
 def _compact(values: np.ndarray) -> np.ndarray:
@@ -24,70 +27,89 @@ def _compact(values: np.ndarray) -> np.ndarray:
     return half if same else values
 
 
-def _half_keys(values: np.ndarray) -> np.ndarray:
-    """int32 keys of float16 ``values`` whose integer order is the float order (a new array).
+def _int16_select() -> bool:
+    """Whether NumPy selects 16-bit integers with SIMD here (x86-64 with AVX-512 at the
+    Ice Lake level; NumPy's own dispatch). Elsewhere it selects 32-bit integers several times
+    faster (SIMD on AVX2 machines) and float16 order keys are widened first."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:                      # NumPy < 2: keep the widening (always correct)
+        return False
+    return bool(__cpu_features__.get("AVX512_ICL", False))
 
-    The float16 bit patterns, sign-extended to int32: non-negative floats keep their bit
-    pattern; for negative ones (sign bit set) the 15 low bits are flipped, so more negative
-    floats get smaller keys. -0 sorts just below +0 (equal floats, so every order statistic
-    keeps its value); NaN gets keys beyond +-inf (callers track NaN separately, as
-    :func:`_has_nan_bits`). int32, not int16: NumPy's partition has a SIMD kernel for 32-bit
-    integers on x86-64 machines with AVX2, for 16-bit ones only with AVX-512 (on an AVX2
-    machine, 4.9x faster for the top K of a 128 x 28 x 28 chunk). :func:`_half_values`
-    inverts it.
+
+#: Partition float16 order keys as int16 (True) or widened to int32 (False); both exact.
+_SELECT_INT16 = _int16_select()
+
+
+def _flip_negative(bits: np.ndarray) -> None:
+    """Flip, in place, the 15 low bits of the negative ones of int16 ``bits`` (float16 bit
+    patterns): the result's integer order is the floats' order (its own inverse).
+
+    Non-negative patterns keep their bits; for negative ones the 15 low bits are flipped, so
+    more negative floats get smaller keys. -0 sorts just below +0 (equal floats, so every order
+    statistic keeps its value); NaN gets keys beyond +-inf (callers track NaN separately, as
+    :func:`_has_nan_bits`).
     """
-    return _flip_negative(values.view(np.int16)).astype(np.int32)
-
-
-def _half_values(keys: np.ndarray) -> np.ndarray:
-    """float16 values of int32 :func:`_half_keys` (a new array, same shape)."""
-    return _flip_negative(keys.astype(np.int16)).view(np.float16)
-
-
-def _flip_negative(bits: np.ndarray) -> np.ndarray:
-    """int16 ``bits`` with the 15 low bits of the negative ones flipped (a new array; the map
-    is its own inverse). In int16, then widened: half the memory traffic of int32 operations."""
     flipped = bits >> 15
     flipped &= np.int16(0x7FFF)
-    flipped ^= bits
-    return flipped
+    bits ^= flipped
 
 
-def _partition(values: np.ndarray, kth: int | list[int]) -> None:
-    """``values.partition(kth, axis=1)`` in place, for float16 through int32 order keys.
+def _partition(values: np.ndarray, kth: int | list[int], negative: bool | None = None) -> None:
+    """``values.partition(kth, axis=1)`` in place, float16 included.
 
-    NumPy's float16 partition compares in software; the keys are partitioned with the SIMD
-    selection of 32-bit integers. The partitioned positions hold the same values as
-    ``np.partition`` gives (up to the sign of zero and NaN payloads).
+    float16 values are partitioned by integer order keys in their own bits
+    (:func:`_flip_negative`, needed only when some bit pattern has its sign set: ``negative``,
+    found here when None), as int16 where NumPy selects 16-bit integers with SIMD, else
+    widened to int32 (NumPy's float16 partition compares in software). The partitioned
+    positions hold the same values as ``np.partition`` gives (up to the sign of zero and NaN
+    payloads).
     """
-    if values.dtype == np.float16:
-        keys = _half_keys(values)
-        keys.partition(kth, axis=1)
-        values[...] = _half_values(keys)
-    else:
+    if values.dtype != np.float16:
         values.partition(kth, axis=1)
+        return
+    bits = values.view(np.int16)
+    if negative is None:
+        negative = bool(bits.min() < 0)
+    if negative:
+        _flip_negative(bits)
+    if _SELECT_INT16:
+        bits.partition(kth, axis=1)
+    else:
+        keys = bits.astype(np.int32)
+        keys.partition(kth, axis=1)
+        np.copyto(bits, keys, casting="unsafe")      # exact: every key fits int16
+    if negative:
+        _flip_negative(bits)
 
 
-def _has_nan_bits(bits: np.ndarray) -> np.ndarray:
-    """bool (U,): rows of int16 (U, m) float16 bit patterns holding a NaN (two reductions).
+def _has_nan_bits(bits: np.ndarray, negative: bool = True) -> np.ndarray:
+    """bool (U,): rows of int16 (U, m) float16 bit patterns holding a NaN (one or two
+    reductions).
 
     A NaN with the sign bit clear is above +inf's pattern 0x7C00 as int16; one with it set is
-    above -inf's pattern 0xFC00 as uint16.
+    above -inf's pattern 0xFC00 as uint16 (looked for only when ``negative``: some pattern has
+    its sign bit set).
     """
-    return ((bits.max(axis=1) > np.int16(0x7C00))
-            | (bits.view(np.uint16).max(axis=1) > np.uint16(0xFC00)))
+    nan = bits.max(axis=1) > np.int16(0x7C00)
+    if negative:
+        nan |= bits.view(np.uint16).max(axis=1) > np.uint16(0xFC00)
+    return nan
 
 
-def _top_k(values: np.ndarray, k: int, in_place: bool = False) -> np.ndarray:
+def _top_k(values: np.ndarray, k: int, in_place: bool = False,
+           negative: bool | None = None) -> np.ndarray:
     """The ``k`` largest values of every row of (U, m) ``values``: (U, min(k, m)), unordered.
 
-    ``in_place`` allows reordering ``values`` itself (no copy).
+    ``in_place`` allows reordering ``values`` itself (no copy); ``negative``: see
+    :func:`_partition`.
     """
     width = values.shape[1]
     if k >= width:
         return values
     pool = values if in_place else values.copy()
-    _partition(pool, width - k)
+    _partition(pool, width - k, negative)
     return pool[:, width - k:]
 
 
@@ -193,30 +215,19 @@ class TopKQuantile:
         self.value_dtype = np.result_type(self.value_dtype, dtype)
         # float16 values (a float16 cache read as stored) stay float16: selected by their
         # order keys, exactly as numpy orders them after the cast to float32.
-        work = np.float16 if values.dtype == np.float16 else dtype
-        per_unit = np.ascontiguousarray(
-            np.moveaxis(values, 1, 0).reshape(self.n_units, -1), dtype=work)
-        if np.may_share_memory(per_unit, values):    # partitioned or kept below
-            per_unit = per_unit.copy()
-        self._count(per_unit.shape[1])
-        # The chunk's own top K first (one partition of this private copy, or of the float16
-        # values' keys), then the merge with the buffer, which is at most 2 K values per unit.
-        if per_unit.dtype == np.float16:
-            top = self._top_half(per_unit)
-        else:
-            top = _top_k(per_unit, self.k, in_place=True)
-            # NaN sorts last: a unit's NaN is in its top part
-            self.has_nan |= np.isnan(top).any(axis=1)
-        top = _compact(top)
-        self.buffer = top if self.buffer is None else self._top([self.buffer, top])
+        work = np.dtype(np.float16) if values.dtype == np.float16 else dtype
+        n, size = values.shape[0], math.prod(values.shape[2:])
+        per_image = values.reshape(n, self.n_units, size)          # a view where it can be
+        self._count(n * size)
 
-    def _top_half(self, values: np.ndarray) -> np.ndarray:
-        """The top K of every row of float16 (U, m) ``values`` (all of them when m <= K),
-        selected by their order keys (:func:`_half_keys`); records which rows hold a NaN."""
-        self.has_nan |= _has_nan_bits(values.view(np.int16))
-        if self.k >= values.shape[1]:
-            return values
-        return _half_values(_top_k(_half_keys(values), self.k, in_place=True))
+        def fill(pool: np.ndarray, start: int, stop: int) -> None:  # units' values as rows
+            rows = per_image[:, start:stop].transpose(1, 0, 2)
+            np.copyto(pool.reshape(stop - start, n, size), rows)
+
+        # The chunk's own top K first (block by block, a private copy partitioned in place),
+        # then the merge with the buffer, which is at most 2 K values per unit.
+        top = _compact(self._top_blocks(fill, n * size, work, find_nan=True))
+        self.buffer = top if self.buffer is None else self._top([self.buffer, top])
 
     def merge(self, *others: TopKQuantile) -> TopKQuantile:
         """A new state holding the values of ``self`` and ``others`` (none is modified).
@@ -246,24 +257,41 @@ class TopKQuantile:
         self.count += n_new
 
     def _top(self, parts: list[np.ndarray]) -> np.ndarray:
-        """The K largest values per unit of (U, m) arrays, as a (U, min(K, total m)) array.
+        """The K largest values per unit of (U, m) arrays, as a (U, min(K, total m)) array."""
 
-        Units are processed in blocks partitioned in place, so besides the result a merge holds
-        at most ``_BLOCK_VALUES`` extra values (not a copy of every input).
+        def fill(pool: np.ndarray, start: int, stop: int) -> None:
+            np.concatenate([part[start:stop] for part in parts], axis=1, out=pool)
+
+        return self._top_blocks(fill, sum(part.shape[1] for part in parts),
+                                np.result_type(*parts), find_nan=False)
+
+    def _top_blocks(self, fill: Callable[[np.ndarray, int, int], None], width: int,
+                    dtype: np.dtype, find_nan: bool) -> np.ndarray:
+        """The K largest of every unit's ``width`` values, as a (U, min(K, width)) array.
+
+        Units are taken in blocks of about ``_BLOCK_VALUES`` values: ``fill(pool, start,
+        stop)`` writes units start..stop's values into the (stop - start, width) ``pool`` (one
+        buffer, reused), which is then partitioned in place. ``find_nan``: record which units
+        have a NaN among these values (NaN sorts last: a unit with NaN keeps it).
         """
-        dtype = np.result_type(*parts)
-        width = sum(part.shape[1] for part in parts)
         keep = min(self.k, width)
         out = np.empty((self.n_units, keep), dtype=dtype)
         step = max(1, _BLOCK_VALUES // max(width, 1))
+        block = np.empty((min(step, self.n_units), width), dtype=dtype)
         for start in range(0, self.n_units, step):
             stop = min(start + step, self.n_units)
-            pool = np.concatenate([part[start:stop].astype(dtype, copy=False)
-                                   for part in parts], axis=1)
-            if width > keep:
-                # NaN sorts last: a unit with NaN keeps it (its result is NaN).
-                _partition(pool, width - keep)
-            out[start:stop] = pool[:, width - keep:]
+            pool = block[:stop - start]
+            fill(pool, start, stop)
+            negative = None
+            if dtype == np.float16:
+                bits = pool.view(np.int16)
+                negative = bool(bits.min() < 0)
+                if find_nan:
+                    self.has_nan[start:stop] |= _has_nan_bits(bits, negative)
+            top = _top_k(pool, keep, in_place=True, negative=negative)
+            if find_nan and dtype != np.float16:
+                self.has_nan[start:stop] |= np.isnan(top).any(axis=1)
+            out[start:stop] = top
         return out
 
     # -- result ----------------------------------------------------------------------------
