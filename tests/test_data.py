@@ -496,3 +496,32 @@ def test_consistent_label_and_category_files_load(broden_tiny):
         "code,number,name,frequency,coverage\n1,6,kitchen,2,1.0\n2,7,street,1,1.0\n3,2,green,1,0.9\n")
     assert check_dataset(broden_tiny.root) == []
     assert BrodenDataset(broden_tiny.root).vocab.category_of(2) == "scene"
+
+
+def test_load_segmentations_pads_with_zeros_whatever_the_memory_held(broden_tiny, monkeypatch):
+    # the chunk's array is allocated without zero-filling: every layer an image lacks must be
+    # zeroed explicitly (images 0, 1, 2 have 4, 1 and 2 layers); the decoded layers are the
+    # files' own label numbers, and a later label beyond the known ones is still refused
+    dataset = BrodenDataset(broden_tiny.root)
+    real_empty = np.empty
+
+    def dirty_empty(shape, dtype=float, *args, **kwargs):
+        out = real_empty(shape, dtype, *args, **kwargs)
+        if np.dtype(dtype).kind in "iu":
+            out.fill(77)
+        return out
+
+    monkeypatch.setattr(np, "empty", dirty_empty)
+    seg, labels = dataset.load_segmentations([0, 1, 2])
+    assert seg.shape == (3, 4, 4, 4) and seg.dtype == np.int32
+    for row in range(3):
+        names = dataset._layer_files(row)
+        for layer, name in enumerate(names):
+            np.testing.assert_array_equal(
+                seg[row, layer], decode_segmentation(broden_tiny.root / "images" / name))
+        assert (seg[row, len(names):] == 0).all()
+    assert (seg != 77).all() and [len(dataset._layer_files(i)) for i in range(3)] == [4, 1, 2]
+    write_label_png(broden_tiny.root / "images" / "seg" / "a1_color.png",
+                    np.array([[0, 1, 2, 301]] * 4))
+    with pytest.raises(DatasetError, match="a1_color.png .* label number 301"):
+        dataset.load_segmentations([0, 1, 2])

@@ -711,10 +711,10 @@ class BrodenDataset:
         seg, labels = self.load_segmentations([index])
         return seg[0, :len(self._layer_files(index))], labels[0, :len(self._image_labels(index))]
 
-    def _decode_layer(self, index: int, name: str, out: np.ndarray) -> None:
-        """Decode segmentation PNG ``name`` of image ``index`` into int32 (sh, sw) ``out``."""
+    def _decode_layer(self, index: int, path: str, out: np.ndarray) -> int:
+        """Decode segmentation PNG ``path`` of image ``index`` into int32 (sh, sw) ``out``;
+        returns its largest label number (0 for an empty layer)."""
         entry = self._entries[index]
-        path = self.root / "images" / name
         try:
             layer = _label_pixels(path)
         except UNREADABLE as error:
@@ -724,17 +724,19 @@ class BrodenDataset:
                 f"{path} ({self._where(index)}) is {layer.shape[0]}x{layer.shape[1]}; "
                 f"index.csv says sh,sw = {entry.seg_size[0]},{entry.seg_size[1]}")
         np.copyto(out, layer, casting="unsafe")
+        return int(layer.max()) if layer.size else 0
 
-    def _check_labels(self, seg: np.ndarray, files: list[tuple[int, int, int, str]]) -> None:
+    def _check_labels(self, seg: np.ndarray, files: list[tuple[int, int, int, str]],
+                      largest: int) -> None:
         """DatasetError naming the first file whose layer in int32 (n, Lmax, sh, sw) ``seg``
         holds a label number not in label.csv; ``files`` is (row, layer, image index, name) per
-        decoded file.
+        decoded file, ``largest`` the largest label number in them.
 
-        One pass over the chunk finds its largest label (PNG values are never negative); only
-        when it is beyond the labels 1..T that are all known (Broden's labels are contiguous) is
-        each layer looked up in the table of known labels.
+        Only when ``largest`` is beyond the labels 1..T that are all known (PNG values are never
+        negative; Broden's labels are contiguous) is each layer looked up in the table of known
+        labels.
         """
-        if not seg.size or seg.max() <= self._known_prefix:
+        if largest <= self._known_prefix:
             return
         for row, layer, index, name in files:
             values = seg[row, layer]
@@ -765,15 +767,19 @@ class BrodenDataset:
                                f"images: {sorted(sizes)}")
         layer_files = [self._layer_files(i) for i in rows]
         level = [self._image_labels(i) for i in rows]
-        seg = np.zeros((len(rows), max(1, max(map(len, layer_files))), *sizes.pop()), np.int32)
+        # every layer is decoded into place or zeroed (padding): no zero-filled allocation
+        seg = np.empty((len(rows), max(1, max(map(len, layer_files))), *sizes.pop()), np.int32)
         labels = np.zeros((len(rows), max(1, max(map(len, level)))), np.int32)
-        files = []
+        images = os.path.join(self.root, "images")   # names are checked relative (is_inside)
+        files, largest = [], 0
         for row, (index, names) in enumerate(zip(rows, layer_files)):
             for layer, name in enumerate(names):
-                self._decode_layer(index, name, seg[row, layer])
+                largest = max(largest, self._decode_layer(index, os.path.join(images, name),
+                                                          seg[row, layer]))
                 files.append((row, layer, index, name))
+            seg[row, len(names):] = 0
             labels[row, :len(level[row])] = level[row]
-        self._check_labels(seg, files)
+        self._check_labels(seg, files, largest)
         return seg, labels
 
     def image_level_labels(self, category: str) -> list[np.ndarray]:
