@@ -652,10 +652,21 @@ def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[st
             [f"{a / b:.2f}" for a, b in zip(chosen(k), floor)])
         row(f"thresholds + counting x{k} (default) / floor",
             [f"{(a + c) / b:.2f}" for a, c, b in zip(ms(f"thresholds x{k}"), chosen(k), floor)])
+    for scheduler in args.schedulers.split(","):
+        if scheduler != "threads":       # thresholds keep the threads scheduler's figures
+            for k in (1, 2):
+                row(f"thresholds x{k} + counting {scheduler} x{k} / floor",
+                    [f"{(a + c) / b:.2f}" for a, c, b in zip(
+                        ms(f"thresholds x{k}"), ms(f"counting {scheduler} x{k}"), floor)])
     row("1 worker / 2 workers: thresholds",
         [f"{a / b:.2f}" for a, b in zip(ms("thresholds x1"), ms("thresholds x2"))])
     row("1 worker / 2 workers: counting (default)",
         [f"{a / b:.2f}" for a, b in zip(chosen(1), chosen(2))])
+    for scheduler in args.schedulers.split(","):
+        if scheduler != "threads":
+            row(f"1 worker / 2 workers: counting {scheduler}",
+                [f"{a / b:.2f}" for a, b in zip(ms(f"counting {scheduler} x1"),
+                                                ms(f"counting {scheduler} x2"))])
     row("active (image, unit) pairs, %", [f"{100 * results[s]['active']:.1f}" for s in shapes])
     row("identical counts in every counting run",
         ["yes" if results[s]["identical"] else "NO" for s in shapes])
