@@ -283,9 +283,9 @@ class TopKQuantile:
             pool = block[:stop - start]
             fill(pool, start, stop)
             negative = None
-            if dtype == np.float16:
+            if dtype == np.float16 and (find_nan or width > keep):
                 bits = pool.view(np.int16)
-                negative = bool(bits.min() < 0)
+                negative = bool(bits.min() < 0)          # one scan serves both uses below
                 if find_nan:
                     self.has_nan[start:stop] |= _has_nan_bits(bits, negative)
             top = _top_k(pool, keep, in_place=True, negative=negative)
