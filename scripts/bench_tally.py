@@ -606,6 +606,7 @@ def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[st
         report_breakdown(shapes, results, names, width)
         return
     rows: list[tuple[str, list[str]]] = []
+    others = [s for s in args.schedulers.split(",") if s != "threads"]   # threads is always run
 
     def row(label: str, values: list[str]) -> None:
         rows.append((label, values))
@@ -626,11 +627,10 @@ def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[st
         for k in (1, 2):
             row(f"counting x{k} prefilter {p}, ms/img",
                 [f"{v:.2f}" for v in ms(f"counting x{k} prefilter {p}")])
-    for scheduler in args.schedulers.split(","):
-        if scheduler != "threads":
-            for k in (1, 2):
-                row(f"counting {scheduler} x{k} (default), ms/img",
-                    [f"{v:.2f}" for v in ms(f"counting {scheduler} x{k}")])
+    for scheduler in others:
+        for k in (1, 2):
+            row(f"counting {scheduler} x{k} (default), ms/img",
+                [f"{v:.2f}" for v in ms(f"counting {scheduler} x{k}")])
     for p in ("off", "on"):
         row(f"counting x1 prefilter {p}, CPU ms/img",
             [f"{results[s]['cpu_ms'][f'counting x1 prefilter {p}']:.2f}" for s in shapes])
@@ -652,21 +652,19 @@ def report(shapes: list[tuple[int, int]], results: dict[tuple[int, int], dict[st
             [f"{a / b:.2f}" for a, b in zip(chosen(k), floor)])
         row(f"thresholds + counting x{k} (default) / floor",
             [f"{(a + c) / b:.2f}" for a, c, b in zip(ms(f"thresholds x{k}"), chosen(k), floor)])
-    for scheduler in args.schedulers.split(","):
-        if scheduler != "threads":       # thresholds keep the threads scheduler's figures
-            for k in (1, 2):
-                row(f"thresholds x{k} + counting {scheduler} x{k} / floor",
-                    [f"{(a + c) / b:.2f}" for a, c, b in zip(
-                        ms(f"thresholds x{k}"), ms(f"counting {scheduler} x{k}"), floor)])
+    for scheduler in others:             # thresholds keep the threads scheduler's figures
+        for k in (1, 2):
+            row(f"thresholds x{k} + counting {scheduler} x{k} / floor",
+                [f"{(a + c) / b:.2f}" for a, c, b in zip(
+                    ms(f"thresholds x{k}"), ms(f"counting {scheduler} x{k}"), floor)])
     row("1 worker / 2 workers: thresholds",
         [f"{a / b:.2f}" for a, b in zip(ms("thresholds x1"), ms("thresholds x2"))])
     row("1 worker / 2 workers: counting (default)",
         [f"{a / b:.2f}" for a, b in zip(chosen(1), chosen(2))])
-    for scheduler in args.schedulers.split(","):
-        if scheduler != "threads":
-            row(f"1 worker / 2 workers: counting {scheduler}",
-                [f"{a / b:.2f}" for a, b in zip(ms(f"counting {scheduler} x1"),
-                                                ms(f"counting {scheduler} x2"))])
+    for scheduler in others:
+        row(f"1 worker / 2 workers: counting {scheduler}",
+            [f"{a / b:.2f}" for a, b in zip(ms(f"counting {scheduler} x1"),
+                                            ms(f"counting {scheduler} x2"))])
     row("active (image, unit) pairs, %", [f"{100 * results[s]['active']:.1f}" for s in shapes])
     row("identical counts in every counting run",
         ["yes" if results[s]["identical"] else "NO" for s in shapes])

@@ -733,7 +733,7 @@ def test_quantile_of_float16_values_as_stored(key_width) -> None:
                                           top.result())
             halves = TopKQuantile(4, quantile, 12 * 9)
             halves.add(chunk[:7])
-            np.testing.assert_array_equal(halves.merge(top.__class__(4, quantile, 12 * 9))
+            np.testing.assert_array_equal(halves.merge(TopKQuantile(4, quantile, 12 * 9))
                                           .result(), numpy_thresholds(chunk[:7], quantile))
 
 
