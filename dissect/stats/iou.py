@@ -196,10 +196,18 @@ def _upsample_padded(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
                            antialias=shrinks)[:, 0]
         return up.reshape(n, size[0] * size[1]).T
     padded = -(-n // _LANES) * _LANES
-    channels = maps.new_zeros((1, height, width, padded))
-    channels[0, :, :, :n] = maps.permute(1, 2, 0)
-    up = F.interpolate(channels.permute(0, 3, 1, 2), size=size, mode="bilinear",
-                       align_corners=False)                      # (1, padded, sh, sw), NHWC
+    channels = maps.new_zeros((height, width, padded))
+    channels[:, :, :n] = maps.permute(1, 2, 0)
+    return _upsample_channels(channels, size)
+
+
+def _upsample_channels(channels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(sh * sw, P) bilinear enlargement of contiguous float32 (h, w, P) CPU ``channels``, P a
+    multiple of :data:`_LANES`: torch's channels-last kernel on the maps as the channels of
+    one image (see :func:`upsample_pixel_major`)."""
+    height, width, padded = channels.shape
+    up = F.interpolate(channels.reshape(1, height, width, padded).permute(0, 3, 1, 2), size=size,
+                       mode="bilinear", align_corners=False)   # (1, padded, sh, sw), NHWC
     return up[0].permute(1, 2, 0).reshape(size[0] * size[1], padded)
 
 
@@ -478,18 +486,25 @@ def _tiled_mask_pixels(maps: torch.Tensor, below: np.ndarray, size: tuple[int, i
         step = (np.arange(y1 - y0)[:, None] * size[1] + np.arange(x1 - x0)[None, :]).reshape(-1)
         for first in range(0, len(group), _TILES_PER_CALL):
             tiles = group[first:first + _TILES_PER_CALL]
-            windows = np.take(flat, corner[tiles, None] + offsets[None, :]).reshape(
-                len(tiles), rows.window, columns.window)                      # (t, wy, wx)
-            up = _upsample_padded(torch.from_numpy(windows), window_size)        # (Sw, P)
-            n_columns = up.shape[1]
+            # The windows are gathered straight into the kernel's channels-last (wy, wx, P)
+            # layout, P a power of two >= _LANES (so the hits split with a shift and a mask);
+            # the padding columns repeat the first window (finite values that never pass).
+            n_columns = max(_LANES, 1 << (len(tiles) - 1).bit_length())
+            column_corner = np.full(n_columns, corner[tiles[0]])
+            column_corner[:len(tiles)] = corner[tiles]
+            windows = np.take(flat, offsets[:, None] + column_corner[None, :])     # (wy*wx, P)
+            up = _upsample_channels(torch.from_numpy(windows).reshape(
+                rows.window, columns.window, n_columns), window_size)              # (Sw, P)
             limits = np.full(n_columns, np.inf, dtype=np.float32)   # padding never passes
             limits[:len(tiles)] = below[which[tiles]]
             owned = up.numpy().reshape(*window_size, n_columns)[y0:y1, x0:x1]    # (oy, ox, P)
             hits = np.flatnonzero(owned > limits)
             del up, owned
-            local, column = np.divmod(hits, n_columns)
-            found_which.append(which[tiles][column])
-            found_pixel.append(origin[first:first + len(tiles)][column] + step[local])
+            column = hits & (n_columns - 1)
+            local = hits >> (n_columns.bit_length() - 1)
+            found_which.append(np.take(which[tiles], column))
+            found_pixel.append(np.take(origin[first:first + len(tiles)], column)
+                               + np.take(step, local))
     if not found_which:
         return empty
     return np.concatenate(found_which), np.concatenate(found_pixel)
