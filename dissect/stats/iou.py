@@ -579,6 +579,9 @@ def _flat_above(values: np.ndarray, limits: np.ndarray) -> np.ndarray:
     return np.flatnonzero(values > limits[None, :])
 
 
+#: Copies of the histogram :func:`_label_counts` counts into, in turn (1.5-1.8x faster than one
+#: on region-like label maps; scripts/bench_tally.py's breakdown, label bookkeeping).
+_COUNT_COPIES = 4
 #: Label map dtypes :func:`_label_counts` counts with ``torch.bincount``.
 _TORCH_BINCOUNT = (np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.int16), np.dtype(np.uint8))
 
@@ -595,10 +598,18 @@ def _label_counts(seg: np.ndarray, used_layers: np.ndarray, image_labels: np.nda
     # int64 and scans them for their range); both count exactly
     seg_t = (torch.from_numpy(seg) if seg.dtype in _TORCH_BINCOUNT and seg.flags.writeable
              and seg.flags.c_contiguous else None)
+    if seg_t is not None:
+        # Label maps are regions: neighbouring pixels mostly carry the same label, and every
+        # increment of one counter then waits for the one before. Pixel p counts into copy
+        # p % _COUNT_COPIES of the histogram (label + copy * L), and the copies are summed.
+        copies = torch.from_numpy(np.arange(math.prod(seg.shape[1:]), dtype=np.int32)
+                                  % _COUNT_COPIES * n_labels)
     for i in range(n):
         if seg_t is not None and used_layers[i]:
-            counts = torch.bincount(seg_t[i, :used_layers[i]].reshape(-1), minlength=n_labels)
-            pixel_counts[i] = counts.numpy()
+            values = seg_t[i, :used_layers[i]].reshape(-1)
+            counts = torch.bincount(values + copies[:len(values)],
+                                    minlength=_COUNT_COPIES * n_labels)
+            pixel_counts[i] = counts.reshape(_COUNT_COPIES, n_labels).sum(0).numpy()
         else:
             pixel_counts[i] = np.bincount(seg[i, :used_layers[i]].reshape(-1),
                                           minlength=n_labels)
