@@ -813,3 +813,68 @@ def test_label_counts_equal_numpy_bincount(dtype, writeable: bool) -> None:
         np.testing.assert_array_equal(pixel_counts[i], expected)
         np.testing.assert_array_equal(
             level_counts[i], np.bincount(image_labels[i][image_labels[i] > 0], minlength=9))
+
+
+def brute_force_counts(acts: np.ndarray, seg: np.ndarray, image_labels: np.ndarray,
+                       thresholds: np.ndarray, primary: np.ndarray, n_categories: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DESIGN §3 steps 2-3 with the 'touched' rule, one (image, unit, layer) at a time."""
+    n, units = acts.shape[:2]
+    size = seg.shape[2:]
+    area = size[0] * size[1]
+    n_labels = len(primary)
+    label_area = np.zeros(n_labels, np.int64)
+    intersection = np.zeros((units, n_labels), np.int64)
+    act_area = np.zeros((units, n_categories), np.int64)
+    for i in range(n):
+        levels = [int(x) for x in image_labels[i] if x > 0]
+        for layer in seg[i]:
+            label_area += np.bincount(layer.reshape(-1), minlength=n_labels)
+        for label in levels:
+            label_area[label] += area
+        for u in range(units):
+            if not acts[i, u].max() > thresholds[u]:
+                continue
+            mask = upsample_maps(acts[i, u][None], size)[0] > np.float32(thresholds[u])
+            touched = {int(primary[label]) for label in levels if primary[label] >= 0}
+            for layer in seg[i]:
+                hit = np.bincount(layer[mask], minlength=n_labels)
+                hit[0] = 0
+                intersection[u] += hit
+                touched |= {int(primary[label]) for label in np.flatnonzero(hit)
+                            if primary[label] >= 0}
+            for label in levels:
+                intersection[u, label] += mask.sum()
+            for c in touched:
+                act_area[u, c] += mask.sum()
+    label_area[0] = 0
+    return label_area, intersection, act_area
+
+
+@pytest.mark.parametrize("label_type", [np.int32, np.int64, np.uint16])
+@pytest.mark.parametrize("n_present", [20, 300])
+def test_count_iou_equals_brute_force_on_region_label_maps(label_type, n_present: int) -> None:
+    # Region-like label maps (runs of one label: the interleaved histograms of _label_counts),
+    # fewer and more than 255 labels in a batch (uint8 and int64 renumbering), label dtypes
+    # renumbered by torch (int32, int64) and by NumPy (uint16), prefilter on and off.
+    rng = np.random.default_rng(n_present)
+    n, units, n_labels, n_cat = 4, 5, 400, 3
+    acts = rng.gamma(1.5, 0.4, size=(n, units, 7, 7)).astype(np.float32)
+    pool = rng.choice(np.arange(1, n_labels), size=n_present, replace=False)
+    blocks = pool[rng.integers(0, n_present, size=(n, 3, 14, 14))]
+    seg = np.repeat(np.repeat(blocks, 2, axis=2), 2, axis=3).astype(label_type)   # (n, 3, 28, 28)
+    seg[:, 2, :10] = 0
+    seg[1, 1:] = 0
+    primary = rng.integers(-1, n_cat, size=n_labels)
+    primary[0] = -1
+    image_labels = rng.integers(0, n_labels, size=(n, 2))
+    thresholds = np.quantile(np.moveaxis(acts, 1, 0).reshape(units, -1), 0.8, axis=1)
+    expected = brute_force_counts(acts, seg, image_labels, thresholds, primary, n_cat)
+    assert expected[1].sum() > 0 and (np.diff(seg, axis=3) == 0).mean() > 0.5
+    assert (len(np.unique(seg)) > 256) == (n_present > 256)
+    for prefilter in (False, True):
+        counts = count_iou(acts, seg, image_labels, thresholds, primary, n_cat, "touched",
+                           prefilter=prefilter)
+        np.testing.assert_array_equal(counts.label_area, expected[0])
+        np.testing.assert_array_equal(counts.intersection, expected[1])
+        np.testing.assert_array_equal(counts.act_area, expected[2])
