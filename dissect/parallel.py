@@ -53,6 +53,11 @@ _ALLOWED = (f"{', '.join(SCHEDULERS)} or tcp://host:port of a dask.distributed s
 _CHUNK_BYTES = 48 * 1024 * 1024
 _MAX_CHUNK = 256
 _FAN_IN = 8
+#: What one merge of threshold states may hold: its input states and its result. The merge
+#: tree's fan-in is the most states that fit (2 to _FAN_IN): a merge of f states partitions
+#: f K values down to K, so the tree partitions n_tasks K f / (f - 1) values in all (2 n_tasks K
+#: for f = 2), which dominates the thresholds of a large dataset (docs/benchmarks.md).
+_MERGE_BYTES = 256 * 1024 * 1024
 
 
 class ActivationReader(Protocol):
@@ -378,11 +383,18 @@ def compute_thresholds(reader: ActivationReader, quantile: float, *,
             source, rows, float(quantile), n_values, setup.task_threads,
             dask_key_name=f"thresholds-{number}-{uuid.uuid4().hex}")
             for number, rows in enumerate(_task_rows(n_images, size, images))]
-        # fan-in 2: a merge holds its 2 input states and its result (plus a bounded block)
+        fan_in = merge_fan_in(TopKQuantile(shape[1], quantile, n_values).k * shape[1] * 4)
         with torch_threads_kept():
-            (state,) = dask.compute(tree_reduce(parts, _merge_states, fan_in=2),
+            (state,) = dask.compute(tree_reduce(parts, _merge_states, fan_in=fan_in),
                                     **setup.compute_kwargs)
     return state.result()
+
+
+def merge_fan_in(state_bytes: int) -> int:
+    """States of ``state_bytes`` each (U K values: float32 at most, a float16 cache's are half)
+    that one thresholds merge takes: its inputs and its result (plus a bounded block) stay
+    within ``_MERGE_BYTES``, with 2 to ``_FAN_IN`` inputs."""
+    return int(min(_FAN_IN, max(2, _MERGE_BYTES // max(int(state_bytes), 1) - 1)))
 
 
 def compute_counts(reader: ActivationReader, dataset: SegmentationSource,

@@ -148,16 +148,19 @@ def test_bad_image_subsets_name_the_option(toy_dataset: Path, tmp_path: Path) ->
             compute_thresholds(reader, 0.1, images=bad)
 
 
+class ArrayReader:
+    """A reader of activations held in memory."""
+
+    def __init__(self, acts: np.ndarray) -> None:
+        self.acts = acts
+        self.shape = acts.shape
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.acts[start:stop]
+
+
 def test_tree_of_many_chunks_matches_topk() -> None:
     # more chunks than the fan-in: a two-level reduction tree
-    class ArrayReader:
-        def __init__(self, acts: np.ndarray) -> None:
-            self.acts = acts
-            self.shape = acts.shape
-
-        def read(self, start: int, stop: int) -> np.ndarray:
-            return self.acts[start:stop]
-
     acts = random_acts(70, 3, 3, seed=2)
     expected = TopKQuantile(3, 0.01, 70 * 9)
     expected.add(acts)
@@ -281,3 +284,36 @@ def test_thresholds_read_the_cache_as_stored_and_equal_numpy(tmp_path: Path, dty
                 got = compute_thresholds(reader, quantile, chunk_size=size,
                                          scheduler="synchronous", images=images)
                 np.testing.assert_array_equal(got, expected)
+
+
+def test_merge_fan_in_fits_the_merge_budget(monkeypatch) -> None:
+    import dissect.parallel as parallel
+
+    budget = parallel._MERGE_BYTES
+    assert parallel.merge_fan_in(1) == parallel._FAN_IN == 8
+    assert parallel.merge_fan_in(budget // 9) == 8          # 8 inputs and the result fit
+    assert parallel.merge_fan_in(budget // 5) == 4
+    assert parallel.merge_fan_in(budget // 3) == 2
+    assert parallel.merge_fan_in(budget) == 2               # never fewer than 2 inputs
+    monkeypatch.setattr(parallel, "_MERGE_BYTES", 100)
+    assert parallel.merge_fan_in(25) == 3
+
+
+@pytest.mark.parametrize("fan_in", [2, 3, 8])
+def test_thresholds_equal_numpy_for_every_merge_fan_in(monkeypatch, fan_in: int) -> None:
+    # 30 tasks of one image merged 2, 3 or 8 at a time
+    import dissect.parallel as parallel
+
+    state_bytes = TopKQuantile(5, 0.025, 30 * 16).k * 5 * 4
+    monkeypatch.setattr(parallel, "_MERGE_BYTES", (fan_in + 1) * state_bytes)
+    fan_ins = []
+    reduce = parallel.tree_reduce
+    monkeypatch.setattr(parallel, "tree_reduce", lambda parts, combine, fan_in: (
+        fan_ins.append(fan_in), reduce(parts, combine, fan_in))[1])
+    rng = np.random.default_rng(2)
+    acts = rng.integers(0, 40, size=(30, 5, 4, 4)).astype(np.float32)        # ties
+    expected = np.quantile(np.moveaxis(acts, 1, 0).reshape(5, -1), 0.975, axis=1)
+    for scheduler in ("synchronous", "threads"):
+        got = compute_thresholds(ArrayReader(acts), 0.025, chunk_size=1, scheduler=scheduler)
+        np.testing.assert_array_equal(got, expected)
+    assert fan_ins == [fan_in, fan_in]
