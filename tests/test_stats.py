@@ -694,6 +694,26 @@ def test_quantile_add_in_unit_blocks_keeps_nan_sign_and_input(monkeypatch) -> No
                     False] * 5 + [True, False]
 
 
+def test_quantile_add_copies_maps_whole_or_casts(monkeypatch) -> None:
+    # A unit's map of one image is copied as one void element where no cast is needed, also
+    # from a view whose units run backwards; integer values are cast as before. Small blocks:
+    # several blocks of units per chunk.
+    import dissect.stats.quantile as quantile_module
+
+    monkeypatch.setattr(quantile_module, "_BLOCK_VALUES", 50)
+    rng = np.random.default_rng(12)
+    base = rng.integers(-20, 20, size=(8, 6, 3, 5))
+    for chunk in (base.astype(np.float16)[:, ::-1], base.astype(np.float32)[:, ::-1],
+                  base.astype(np.float64), base, base[:, :, :, ::2]):
+        values = np.asarray(chunk)
+        expected = np.quantile(np.moveaxis(values, 1, 0).reshape(6, -1).astype(
+            np.float64 if values.dtype in (np.float64, np.int64) else np.float32), 0.8, axis=1)
+        top = TopKQuantile(6, 0.2, values[:, 0].size)
+        top.add(values[:5])
+        top.add(values[5:])
+        np.testing.assert_array_equal(top.result(), expected)
+
+
 # ----------------------------------------------------------------------------- quantile, float16
 @pytest.fixture(params=[True, False], ids=["int16-keys", "int32-keys"])
 def key_width(request, monkeypatch) -> bool:

