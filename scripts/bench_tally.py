@@ -66,6 +66,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -210,12 +212,8 @@ def write_cache(path: Path, layers: np.ndarray, n_units: int, size: int, seg_siz
     gain = rng.uniform(2.0, 6.0, size=n_units)
     batch = 32
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    with h5py.File(partial, "w") as file:
-        acts_d = file.create_dataset("acts", (n_images, n_units, size, size), np.float16,
-                                     chunks=(batch, n_units, size, size))
-        amax_d = file.create_dataset("amax", (n_images, n_units), np.float32)
-        file.create_dataset("done", data=np.ones(-(-n_images // batch), dtype=bool))
+    with new_cache(path, (n_images, n_units, size, size), batch,
+                   {"layer": f"layer_{n_units}x{size}"}) as (acts_d, amax_d):
         for start in range(0, n_images, batch):
             stop = min(start + batch, n_images)
             block = np.empty((stop - start, n_units, size, size), np.float32)
@@ -236,9 +234,23 @@ def write_cache(path: Path, layers: np.ndarray, n_units: int, size: int, seg_siz
                 block[i - start] = gain[:, None, None] * cover + noise
             acts_d[start:stop] = block.astype(np.float16)
             amax_d[start:stop] = block.astype(np.float16).reshape(stop - start, n_units, -1).max(-1)
-        file.attrs["fingerprint"] = json.dumps({"layer": f"layer_{n_units}x{size}"})
+
+
+@contextmanager
+def new_cache(path: Path, shape: tuple[int, int, int, int], batch: int,
+              fingerprint: dict[str, Any]) -> Iterator[tuple[h5py.Dataset, h5py.Dataset]]:
+    """A float16 activation cache of (N, U, h, w) in the DESIGN §4a layout ((batch, U, h, w)
+    chunks, ``amax``, ``done``, complete): yields its ``acts`` and ``amax`` datasets to fill,
+    written as ``<path>.partial`` and renamed to ``path`` when the block ends."""
+    partial = path.with_suffix(".partial")
+    with h5py.File(partial, "w") as file:
+        acts = file.create_dataset("acts", shape, np.float16, chunks=(batch, *shape[1:]))
+        amax = file.create_dataset("amax", shape[:2], np.float32)
+        file.create_dataset("done", data=np.ones(-(-shape[0] // batch), dtype=bool))
+        yield acts, amax
+        file.attrs["fingerprint"] = json.dumps(fingerprint)
         file.attrs["schema_version"] = 1
-        file.attrs["n_written"] = n_images
+        file.attrs["n_written"] = shape[0]
         file.attrs["complete"] = True
     partial.rename(path)
 

@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +46,12 @@ BATCH = 32          # images per HDF5 chunk, as the recorder writes them
 
 def write_cache(path: Path, n_images: int, n_units: int, side: int, seed: int = 0) -> None:
     """A float16 cache of (n_images, n_units, side, side) gamma-distributed activations."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_tally import new_cache  # the module beside this script
+
     rng = np.random.default_rng([seed, n_units, side])
-    partial = path.with_suffix(".partial")
-    with h5py.File(partial, "w") as file:
-        acts = file.create_dataset("acts", (n_images, n_units, side, side), np.float16,
-                                   chunks=(BATCH, n_units, side, side))
-        amax = file.create_dataset("amax", (n_images, n_units), np.float32)
-        file.create_dataset("done", data=np.ones(-(-n_images // BATCH), dtype=bool))
+    with new_cache(path, (n_images, n_units, side, side), BATCH,
+                   {"layer": f"layer_{n_units}x{side}", "n_images": n_images}) as (acts, amax):
         gain = rng.uniform(0.5, 2.0, size=(1, n_units, 1, 1))
         for start in range(0, n_images, 1024):
             stop = min(start + 1024, n_images)
@@ -61,12 +59,6 @@ def write_cache(path: Path, n_images: int, n_units: int, side: int, seed: int = 
                      * gain).astype(np.float16)
             acts[start:stop] = block
             amax[start:stop] = block.reshape(stop - start, n_units, -1).max(-1)
-        file.attrs["fingerprint"] = json.dumps({"layer": f"layer_{n_units}x{side}",
-                                                "n_images": n_images})
-        file.attrs["schema_version"] = 1
-        file.attrs["n_written"] = n_images
-        file.attrs["complete"] = True
-    partial.rename(path)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
