@@ -835,6 +835,25 @@ def test_label_counts_equal_numpy_bincount(dtype, writeable: bool) -> None:
             level_counts[i], np.bincount(image_labels[i][image_labels[i] > 0], minlength=9))
 
 
+@pytest.mark.parametrize("n_labels", [9, 49, 50, 5000])
+def test_label_counts_of_regions_with_small_and_large_vocabularies(n_labels: int) -> None:
+    # 14 x 14 label maps of 2 x 2 regions: 4 interleaved histogram copies for up to
+    # 196 / 4 = 49 labels, one copy for more; both equal NumPy's bincount
+    from dissect.stats.iou import _COUNT_COPIES, _label_counts, _used_layers
+
+    assert _COUNT_COPIES == 4
+    rng = np.random.default_rng(n_labels)
+    blocks = rng.integers(0, n_labels, size=(3, 2, 7, 7))
+    seg = np.repeat(np.repeat(blocks, 2, axis=2), 2, axis=3).astype(np.int32)
+    seg[2, 1] = 0
+    pixel_counts, _ = _label_counts(seg, _used_layers(seg), np.zeros((3, 1), np.int64),
+                                    n_labels)
+    for i in range(3):
+        expected = np.bincount(seg[i].reshape(-1), minlength=n_labels)
+        expected[0] = 0
+        np.testing.assert_array_equal(pixel_counts[i], expected)
+
+
 def brute_force_counts(acts: np.ndarray, seg: np.ndarray, image_labels: np.ndarray,
                        thresholds: np.ndarray, primary: np.ndarray, n_categories: int
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -874,8 +893,7 @@ def brute_force_counts(acts: np.ndarray, seg: np.ndarray, image_labels: np.ndarr
 @pytest.mark.parametrize("label_type", [np.int32, np.int64, np.uint16])
 @pytest.mark.parametrize("n_present", [20, 300])
 def test_count_iou_equals_brute_force_on_region_label_maps(label_type, n_present: int) -> None:
-    # Region-like label maps (runs of one label: the interleaved histograms of _label_counts),
-    # fewer and more than 255 labels in a batch (uint8 and int64 renumbering), label dtypes
+    # Region-like label maps, fewer and more than 255 labels in a batch (uint8 and int64 renumbering), label dtypes
     # renumbered by torch (int32, int64) and by NumPy (uint16), prefilter on and off.
     rng = np.random.default_rng(n_present)
     n, units, n_labels, n_cat = 4, 5, 400, 3

@@ -600,18 +600,22 @@ def _label_counts(seg: np.ndarray, used_layers: np.ndarray, image_labels: np.nda
     # int64 and scans them for their range); both count exactly
     seg_t = (torch.from_numpy(seg) if seg.dtype in _TORCH_BINCOUNT and seg.flags.writeable
              and seg.flags.c_contiguous else None)
+    # Label maps are regions: neighbouring pixels mostly carry the same label, and every
+    # increment of one counter then waits for the one before. Pixel p counts into copy
+    # p % n_copies of the histogram (label + copy * L), and the copies are summed; one copy
+    # where the histograms would outgrow a label layer (a vocabulary of over S / 4 labels).
+    n_copies = _COUNT_COPIES if _COUNT_COPIES * n_labels <= math.prod(seg.shape[2:]) else 1
     if seg_t is not None:
-        # Label maps are regions: neighbouring pixels mostly carry the same label, and every
-        # increment of one counter then waits for the one before. Pixel p counts into copy
-        # p % _COUNT_COPIES of the histogram (label + copy * L), and the copies are summed.
-        copies = torch.from_numpy(np.arange(math.prod(seg.shape[1:]), dtype=np.int32)
-                                  % _COUNT_COPIES * n_labels)
+        copies = torch.from_numpy(np.arange(math.prod(seg.shape[1:]), dtype=np.int64)
+                                  % n_copies * n_labels)
+        if n_copies * n_labels < 2 ** 31:
+            copies = copies.int()
     for i in range(n):
         if seg_t is not None and used_layers[i]:
             values = seg_t[i, :used_layers[i]].reshape(-1)
-            counts = torch.bincount(values + copies[:len(values)],
-                                    minlength=_COUNT_COPIES * n_labels)
-            pixel_counts[i] = counts.reshape(_COUNT_COPIES, n_labels).sum(0).numpy()
+            counts = torch.bincount(values + copies[:len(values)] if n_copies > 1 else values,
+                                    minlength=n_copies * n_labels)
+            pixel_counts[i] = counts.reshape(n_copies, n_labels).sum(0).numpy()
         else:
             pixel_counts[i] = np.bincount(seg[i, :used_layers[i]].reshape(-1),
                                           minlength=n_labels)
