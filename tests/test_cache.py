@@ -252,3 +252,113 @@ def test_ablation_csv_rows_only_for_classes_with_images(tmp_path: Path) -> None:
     assert loaded.class_names == ("a", "b", "c")
     assert np.array_equal(loaded.counts.n_true, [2, 0, 2])
     assert np.array_equal(loaded.counts.predicted, counts.predicted)
+
+
+# ----------------------------------------------------------------------------- direct reads
+def _write(path: Path, values: np.ndarray, **options) -> Path:
+    with h5py.File(path, "w") as file:
+        file.create_dataset("acts", data=values, **options)
+    return path
+
+
+def _spy_direct(monkeypatch) -> list[bool]:
+    """Record per read whether CacheReader.read took plain reads (True) or HDF5 (False)."""
+    import dissect.record.cache as cache_module
+
+    taken: list[bool] = []
+    spans = cache_module._row_spans
+
+    def spy(*args):
+        result = spans(*args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(cache_module, "_row_spans", spy)
+    return taken
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int32])
+def test_plain_reads_of_whole_row_chunks_equal_hdf5(tmp_path: Path, monkeypatch, dtype) -> None:
+    # chunks of 4 rows over 10 rows (the last chunk half full): every range, aligned or not,
+    # is read with plain reads and equals HDF5's own read
+    values = np.random.default_rng(0).normal(size=(10, 3, 2, 5)).astype(dtype)
+    reader = CacheReader(_write(tmp_path / "c.h5", values, chunks=(4, 3, 2, 5)))
+    taken = _spy_direct(monkeypatch)
+    expected = []
+    for start in range(11):
+        for stop in range(start, 11):
+            got = reader.read(start, stop, stored=True)
+            assert got.dtype == values.dtype and got.shape == (stop - start, 3, 2, 5)
+            np.testing.assert_array_equal(got, values[start:stop])
+            np.testing.assert_array_equal(reader.read(start, stop),
+                                          values[start:stop].astype(np.float32))
+            expected += [stop > start] * 2            # an empty range is left to HDF5
+    assert taken == expected
+
+
+@pytest.mark.parametrize("options,why", [
+    ({"chunks": (4, 3, 2, 5), "compression": "gzip"}, "a filter"),
+    ({"chunks": (4, 3, 2, 5), "shuffle": True}, "a filter"),
+    ({"chunks": (4, 1, 2, 5)}, "chunks that split rows"),
+    ({}, "contiguous layout"),
+])
+def test_hdf5_reads_where_plain_reads_cannot(tmp_path: Path, monkeypatch, options, why) -> None:
+    values = np.random.default_rng(1).normal(size=(10, 3, 2, 5)).astype(np.float32)
+    reader = CacheReader(_write(tmp_path / "c.h5", values, **options))
+    taken = _spy_direct(monkeypatch)
+    np.testing.assert_array_equal(reader.read(2, 9), values[2:9])
+    assert taken == [False], why
+
+
+def test_hdf5_reads_big_endian_and_unwritten_chunks(tmp_path: Path, monkeypatch) -> None:
+    values = np.arange(10 * 6, dtype=">f4").reshape(10, 6)
+    reader = CacheReader(_write(tmp_path / "big.h5", values, chunks=(4, 6)))
+    taken = _spy_direct(monkeypatch)
+    np.testing.assert_array_equal(reader.read(1, 7), values[1:7])
+    # an incomplete cache: rows 4-7 were never written (their chunk holds no data yet)
+    with h5py.File(tmp_path / "gap.h5", "w") as file:
+        data = file.create_dataset("acts", (12, 6), np.float32, chunks=(4, 6))
+        data[0:4] = 1.0
+        data[8:12] = 2.0
+    gap = CacheReader(tmp_path / "gap.h5")
+    np.testing.assert_array_equal(gap.read(2, 10), np.repeat([1.0, 0.0, 2.0], [2, 4, 2])[
+        :, None] * np.ones((1, 6), np.float32))
+    np.testing.assert_array_equal(gap.read(0, 4), np.ones((4, 6), np.float32))
+    assert taken == [False, False, True]
+
+
+def test_a_cache_cut_short_is_a_cache_error(tmp_path: Path, monkeypatch) -> None:
+    import dissect.record.cache as cache_module
+
+    values = np.ones((8, 1000), np.float32)
+    path = _write(tmp_path / "c.h5", values, chunks=(4, 1000))
+    reader = CacheReader(path)
+    # the file ends before a chunk's bytes (a read returns nothing): named, not a partial array
+    monkeypatch.setattr(cache_module.os, "preadv", lambda handle, buffers, offset: 0)
+    with pytest.raises(CacheError, match=r"ended inside rows \[4, 8\)"):
+        reader.read(4, 8)
+    monkeypatch.undo()
+    with h5py.File(path, "r") as file:
+        end = file["acts"].id.get_chunk_info(1).byte_offset + 100
+    with open(path, "r+b") as handle:
+        handle.truncate(end)
+    with pytest.raises(CacheError, match="cannot read cache"):             # HDF5 sees it first
+        reader.read(4, 8)
+
+
+def test_plain_reads_resume_after_short_reads(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    import dissect.record.cache as cache_module
+
+    values = np.random.default_rng(3).normal(size=(9, 5, 3)).astype(np.float32)
+    reader = CacheReader(_write(tmp_path / "c.h5", values, chunks=(4, 5, 3)))
+    calls, real = [], os.preadv
+
+    def short(handle, buffers, offset):                 # at most 7 bytes a call
+        calls.append(offset)
+        return real(handle, [buffers[0][:7]], offset)
+
+    monkeypatch.setattr(cache_module.os, "preadv", short)
+    np.testing.assert_array_equal(reader.read(1, 9), values[1:9])
+    assert len(calls) == -(-(3 * 60) // 7) + -(-(4 * 60) // 7) + -(-(1 * 60) // 7)

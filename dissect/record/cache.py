@@ -288,13 +288,21 @@ class CacheReader:
 
         ``stored=True`` returns them in the cache's own dtype (float16 or float32) instead: no
         conversion, for consumers that handle float16 themselves (the quantile's selection).
+        A cache as the recorder writes it (whole rows per chunk, no compression) is read with
+        plain reads of the chunks' bytes (:func:`_row_spans`), which threads run side by side;
+        any other layout through HDF5.
         """
         with self._open(chunk_cache=False) as file:
             data = file[self.name]
             if not 0 <= start <= stop <= data.shape[0]:
                 raise OptionError(f"rows [{start}, {stop}) are outside cache {self.path} "
                                   f"({data.shape[0]} rows)")
-            rows = data[start:stop]
+            spans = _row_spans(file, data, start, stop)
+            if spans is None:
+                rows = data[start:stop]
+            else:
+                rows = np.empty((stop - start, *data.shape[1:]), dtype=data.dtype)
+                _read_spans(file.id.get_vfd_handle(), rows, spans, self.path)
             return rows if stored else rows.astype(np.float32, copy=False)
 
     def read_rows(self, indices: Sequence[int] | np.ndarray, *, stored: bool = False
@@ -318,6 +326,53 @@ class CacheReader:
                 out[position:position + len(run)] = data[int(run[0]):int(run[-1]) + 1]
                 position += len(run)
         return out[inverse]
+
+
+def _row_spans(file: h5py.File, data: h5py.Dataset, start: int, stop: int
+               ) -> list[tuple[int, int, int]] | None:
+    """Where rows ``[start, stop)`` of ``data`` lie in the file, when plain reads can fetch them:
+    [(first row, stop row, byte offset), ...] per chunk, or None where HDF5 must read them.
+
+    That is when the file uses the default (sec2) driver and the dataset is chunked with whole
+    rows per chunk (chunks (B, *shape[1:]), as the recorder writes them), has no filter (no
+    compression, shuffle or checksum), no external storage, a native numeric dtype, and every
+    chunk of the range is allocated (an unwritten chunk reads as HDF5's fill value). Within such
+    a chunk, row r of the chunk is its bytes ``[r * row_bytes, (r + 1) * row_bytes)``.
+    """
+    chunks = data.chunks
+    if (start >= stop or not hasattr(os, "preadv") or file.driver != "sec2" or chunks is None
+            or tuple(chunks[1:]) != tuple(data.shape[1:])
+            or data.dtype.kind not in "fiu" or not data.dtype.isnative or data.is_virtual):
+        return None
+    plist = data.id.get_create_plist()
+    if plist.get_nfilters() or plist.get_external_count():
+        return None
+    row_bytes = math.prod(data.shape[1:]) * data.dtype.itemsize
+    spans = []
+    for first in range(start - start % chunks[0], stop, chunks[0]):
+        info = data.id.get_chunk_info_by_coord((first,) + (0,) * (data.ndim - 1))
+        if info.byte_offset is None or info.filter_mask:
+            return None
+        low = max(start, first)
+        spans.append((low, min(stop, first + chunks[0]),
+                      info.byte_offset + (low - first) * row_bytes))
+    return spans
+
+
+def _read_spans(handle: int, rows: np.ndarray, spans: list[tuple[int, int, int]],
+                path: Path) -> None:
+    """Read :func:`_row_spans`' spans from the open file descriptor ``handle`` into ``rows``
+    (rows[0] is the first span's first row). ``os.preadv`` runs without the GIL and outside
+    h5py's global lock, so threads read side by side (h5py serialises its reads)."""
+    first_row = spans[0][0]
+    for low, high, offset in spans:
+        view = memoryview(rows[low - first_row:high - first_row]).cast("B")
+        while len(view):
+            got = os.preadv(handle, [view], offset)
+            if got <= 0:
+                raise CacheError(f"cache {path}: the file ended inside rows [{low}, {high}); "
+                                 f"{_RECORD_HINT}")
+            view, offset = view[got:], offset + got
 
 
 # --------------------------------------------------------------------------- writing
