@@ -362,3 +362,16 @@ def test_plain_reads_resume_after_short_reads(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setattr(cache_module.os, "preadv", short)
     np.testing.assert_array_equal(reader.read(1, 9), values[1:9])
     assert len(calls) == -(-(3 * 60) // 7) + -(-(4 * 60) // 7) + -(-(1 * 60) // 7)
+
+
+def test_read_rows_takes_plain_reads_per_run(tmp_path: Path, monkeypatch) -> None:
+    # stored rows of runs [1, 2], [5, 6, 7], [9] (chunks of 4) by plain reads; float32 from a
+    # float16 cache converts, so HDF5 reads those
+    values = np.random.default_rng(4).normal(size=(10, 3, 2)).astype(np.float16)
+    reader = CacheReader(_write(tmp_path / "c.h5", values, chunks=(4, 3, 2)))
+    taken = _spy_direct(monkeypatch)
+    rows = [7, 1, 5, 9, 2, 6, 1]
+    np.testing.assert_array_equal(reader.read_rows(rows, stored=True), values[rows])
+    assert taken == [True, True, True]
+    np.testing.assert_array_equal(reader.read_rows(rows), values[rows].astype(np.float32))
+    assert taken == [True, True, True]

@@ -323,7 +323,13 @@ class CacheReader:
             breaks = np.flatnonzero(np.diff(unique) != 1) + 1
             position = 0
             for run in np.split(unique, breaks) if unique.size else []:
-                out[position:position + len(run)] = data[int(run[0]):int(run[-1]) + 1]
+                first, stop = int(run[0]), int(run[-1]) + 1
+                spans = _row_spans(file, data, first, stop) if out.dtype == data.dtype else None
+                if spans is None:
+                    out[position:position + len(run)] = data[first:stop]
+                else:
+                    _read_spans(file.id.get_vfd_handle(), out[position:position + len(run)],
+                                spans, self.path)
                 position += len(run)
         return out[inverse]
 
