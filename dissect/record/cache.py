@@ -297,12 +297,7 @@ class CacheReader:
             if not 0 <= start <= stop <= data.shape[0]:
                 raise OptionError(f"rows [{start}, {stop}) are outside cache {self.path} "
                                   f"({data.shape[0]} rows)")
-            spans = _row_spans(file, data, start, stop)
-            if spans is None:
-                rows = data[start:stop]
-            else:
-                rows = np.empty((stop - start, *data.shape[1:]), dtype=data.dtype)
-                _read_spans(file.id.get_vfd_handle(), rows, spans, self.path)
+            rows = _read_range(file, data, start, stop, self.path)
             return rows if stored else rows.astype(np.float32, copy=False)
 
     def read_rows(self, indices: Sequence[int] | np.ndarray, *, stored: bool = False
@@ -323,15 +318,22 @@ class CacheReader:
             breaks = np.flatnonzero(np.diff(unique) != 1) + 1
             position = 0
             for run in np.split(unique, breaks) if unique.size else []:
-                first, stop = int(run[0]), int(run[-1]) + 1
-                spans = _row_spans(file, data, first, stop) if out.dtype == data.dtype else None
-                if spans is None:
-                    out[position:position + len(run)] = data[first:stop]
-                else:
-                    _read_spans(file.id.get_vfd_handle(), out[position:position + len(run)],
-                                spans, self.path)
+                out[position:position + len(run)] = _read_range(
+                    file, data, int(run[0]), int(run[-1]) + 1, self.path)
                 position += len(run)
         return out[inverse]
+
+
+def _read_range(file: h5py.File, data: h5py.Dataset, start: int, stop: int, path: Path
+                ) -> np.ndarray:
+    """Rows ``[start, stop)`` of ``data`` in its own dtype: plain reads where
+    :func:`_row_spans` finds them, else through HDF5."""
+    spans = _row_spans(file, data, start, stop)
+    if spans is None:
+        return data[start:stop]
+    rows = np.empty((stop - start, *data.shape[1:]), dtype=data.dtype)
+    _read_spans(file.id.get_vfd_handle(), rows, spans, path)
+    return rows
 
 
 def _row_spans(file: h5py.File, data: h5py.Dataset, start: int, stop: int
