@@ -605,7 +605,7 @@ def _label_counts(seg: np.ndarray, used_layers: np.ndarray, image_labels: np.nda
     # p % n_copies of the histogram (label + copy * L), and the copies are summed; one copy
     # where the histograms would outgrow a label layer (a vocabulary of over S / 4 labels).
     n_copies = _COUNT_COPIES if _COUNT_COPIES * n_labels <= math.prod(seg.shape[2:]) else 1
-    if seg_t is not None:
+    if seg_t is not None and n_copies > 1:
         copies = torch.from_numpy(np.arange(math.prod(seg.shape[1:]), dtype=np.int64)
                                   % n_copies * n_labels)
         if n_copies * n_labels < 2 ** 31:
