@@ -4,9 +4,10 @@
 of the work. On a large dataset the merge tree of the per-task states takes over: K = q N h w
 values a unit grows with N while a task's chunk does not, and a merge of f states partitions
 f K values down to K. This script writes a float16 activation cache of ``--n-images`` images per
-layer shape (``--shapes``, DESIGN §4a layout, (32, U, h, w) chunks, gamma-distributed values;
-reused from ``--workdir`` when it matches) and measures, each in a fresh subprocess, fastest of
-``--repeat`` rounds:
+layer shape (``--shapes``) and kind of values (``--values``: gamma-distributed, or the same cut
+at 0 as after a ReLU, whose ties slowed NumPy's selection 5-60x before 2026-12-06), in the
+DESIGN §4a layout ((32, U, h, w) chunks; reused from ``--workdir`` when it matches), and
+measures, each in a fresh subprocess, fastest of ``--repeat`` rounds:
 
 - ``read``: reading the cache once as stored (``CacheReader.read(..., stored=True)`` over the
   chunks of ``compute_thresholds``), the floor of any exact quantile;
@@ -14,14 +15,14 @@ reused from ``--workdir`` when it matches) and measures, each in a fresh subproc
   merge fan-in it chooses (``dissect.parallel.merge_fan_in``) and with fan-in 2 (its merge
   budget set to 0), the fan-in before 2026-12-06.
 
-It prints per shape: K, tasks, the chosen fan-in, ms/image, the ratios to the read and the
+It prints per shape and kind: K, tasks, the chosen fan-in, ms/image, the ratios to the read and the
 ratio of the two fan-ins, and checks that every run gives the same thresholds. It prints
 figures and never judges them.
 
 Usage::
 
-    python scripts/bench_thresholds.py                          # 16000 images, 512x7 and 256x14
-    python scripts/bench_thresholds.py --n-images 4000 --shapes 64x56 --repeat 3
+    python scripts/bench_thresholds.py             # 16000 images, 512x7 and 256x14, gamma and relu
+    python scripts/bench_thresholds.py --n-images 4000 --shapes 64x56 --values relu --repeat 3
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ if str(ROOT) not in sys.path:
 BATCH = 32          # images per HDF5 chunk, as the recorder writes them
 
 
-def write_cache(path: Path, n_images: int, n_units: int, side: int, seed: int = 0) -> None:
-    """A float16 cache of (n_images, n_units, side, side) gamma-distributed activations."""
+def write_cache(path: Path, n_images: int, n_units: int, side: int, relu: bool = False,
+                seed: int = 0) -> None:
+    """A float16 cache of (n_images, n_units, side, side) gamma-distributed activations;
+    ``relu``: each unit's values lowered by its own offset and cut at 0, as after a ReLU
+    (20% to 90% of a unit's values are exactly 0)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_tally import new_cache  # the module beside this script
 
@@ -53,10 +57,12 @@ def write_cache(path: Path, n_images: int, n_units: int, side: int, seed: int = 
     with new_cache(path, (n_images, n_units, side, side), BATCH,
                    {"layer": f"layer_{n_units}x{side}", "n_images": n_images}) as (acts, amax):
         gain = rng.uniform(0.5, 2.0, size=(1, n_units, 1, 1))
+        # gamma(1.5, 0.4) quantiles 0.2 to 0.9: the fraction of each unit's values cut to 0
+        offset = rng.uniform(0.20, 1.25, size=(1, n_units, 1, 1)) if relu else 0.0
         for start in range(0, n_images, 1024):
             stop = min(start + 1024, n_images)
-            block = (rng.gamma(1.5, 0.4, size=(stop - start, n_units, side, side))
-                     * gain).astype(np.float16)
+            block = (np.maximum(rng.gamma(1.5, 0.4, size=(stop - start, n_units, side, side))
+                                - offset, 0.0) * gain).astype(np.float16)
             acts[start:stop] = block
             amax[start:stop] = block.reshape(stop - start, n_units, -1).max(-1)
 
@@ -104,6 +110,9 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=16000)
     parser.add_argument("--shapes", default="512x7,256x14",
                         help="units x map side, comma-separated")
+    parser.add_argument("--values", default="gamma,relu",
+                        help="value kinds, comma-separated: gamma (no ties) and relu (20%%-90%% "
+                             "of each unit's values exactly 0, as after a ReLU)")
     parser.add_argument("--quantile", type=float, default=0.005)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the caches here and reuse them (default: a temporary dir)")
@@ -125,12 +134,18 @@ def main() -> None:
             for f in ("auto", "2") for k in (1, 2)]
         rows: dict[str, list[str]] = {}
         names = []
-        for part in args.shapes.split(","):
+        if not set(args.values.split(",")) <= {"gamma", "relu"}:
+            parser.error(f"--values: expected gamma and/or relu, got {args.values!r}")
+        cases = [(part, kind) for kind in args.values.split(",")
+                 for part in args.shapes.split(",")]
+        for part, kind in cases:
             units, side = (int(x) for x in part.strip().split("x"))
-            cache = workdir / f"thresholds_{args.n_images}_{units}x{side}.h5"
+            relu = kind == "relu"
+            suffix = "_relu" if relu else ""
+            cache = workdir / f"thresholds_{args.n_images}_{units}x{side}{suffix}.h5"
             if not cache.exists():
                 start = time.perf_counter()
-                write_cache(cache, args.n_images, units, side)
+                write_cache(cache, args.n_images, units, side, relu=relu)
                 print(f"  wrote {cache.name} in {time.perf_counter() - start:.0f} s",
                       file=sys.stderr)
             runs: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in plan}
@@ -142,7 +157,7 @@ def main() -> None:
             checks = {r["check"] for label, group in runs.items() if label != "read"
                       for r in group}
             info = runs["read"][0]
-            names.append(f"{units}x{side}x{side}")
+            names.append(f"{units}x{side}x{side}{' relu' if relu else ''}")
             ms = {label: 1e3 * seconds / info["n"] for label, seconds in best.items()}
             table = [("K (values kept per unit)", f"{info['k']}"),
                      ("tasks (chunks of compute_thresholds)", f"{info['tasks']}"),
@@ -166,9 +181,9 @@ def main() -> None:
         print(f"{args.n_images} images, float16 cache, q = {args.quantile}, threads scheduler, "
               f"fastest of {args.repeat} round(s); xK = K workers")
         width = max(len(label) for label in rows) + 2
-        print(" " * width + "".join(f"{name:>14}" for name in names))
+        print(" " * width + "".join(f"{name:>16}" for name in names))
         for label, values in rows.items():
-            print(f"{label:<{width}}" + "".join(f"{v:>14}" for v in values))
+            print(f"{label:<{width}}" + "".join(f"{v:>16}" for v in values))
 
 
 if __name__ == "__main__":

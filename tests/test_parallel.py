@@ -317,3 +317,48 @@ def test_thresholds_equal_numpy_for_every_merge_fan_in(monkeypatch, fan_in: int)
         got = compute_thresholds(ArrayReader(acts), 0.025, chunk_size=1, scheduler=scheduler)
         np.testing.assert_array_equal(got, expected)
     assert fan_ins == [fan_in, fan_in]
+
+
+@pytest.mark.parametrize("amax", ["true", "inflated", "shuffled", "missing"])
+def test_thresholds_pruned_by_the_caches_amax_equal_numpy(tmp_path: Path, monkeypatch,
+                                                          amax: str) -> None:
+    """A 7x7 cache whose amax gives floors (K <= N/2): thresholds equal numpy.quantile whether
+    its amax is the maps' maxima (maps are pruned), inflated (floors too high: caught, computed
+    again without), shuffled (chunks whose maxima miss values keep every map) or absent."""
+    import dissect.parallel as parallel
+    import dissect.stats.quantile as quantile_module
+
+    rng = np.random.default_rng(11)
+    acts = np.maximum(rng.gamma(1.5, 0.4, size=(80, 6, 7, 7)) - 0.5, 0.0)
+    acts[rng.random((80, 6)) < 0.3] = 0.0
+    path = write_cache(tmp_path / "c.h5", acts, batch=8)
+    stored = acts.astype(np.float16).astype(np.float32)
+    with h5py.File(path, "r+") as file:
+        if amax == "inflated":
+            file["amax"][...] = file["amax"][...] * 3 + 1
+        elif amax == "shuffled":
+            file["amax"][...] = rng.permutation(file["amax"][...].ravel()).reshape(80, 6)
+        elif amax == "missing":
+            del file["amax"]
+    pruned, passes = [], []
+    kept_maps = quantile_module._kept_maps
+    monkeypatch.setattr(quantile_module, "_kept_maps", lambda *args: (
+        lambda out: (pruned.append(out is not None), out)[1])(kept_maps(*args)))
+    state = parallel._threshold_state
+    monkeypatch.setattr(parallel, "_threshold_state", lambda *args: (
+        passes.append(args[5] is not None), state(*args))[1])
+    for images in (None, np.arange(0, 80, 2)):
+        rows = stored if images is None else stored[images]
+        expected = np.quantile(np.moveaxis(rows, 1, 0).reshape(6, -1), 0.995, axis=1)
+        for scheduler in ("synchronous", "threads"):
+            got = compute_thresholds(CacheReader(path), 0.005, chunk_size=8,
+                                     scheduler=scheduler, images=images)
+            np.testing.assert_array_equal(got, expected)
+    if amax == "true":
+        assert all(pruned) and passes == [True] * 4
+    elif amax == "inflated":
+        assert passes == [True, False] * 4                 # the floors failed: again without
+    elif amax == "shuffled":
+        assert not all(pruned)
+    else:
+        assert not pruned and passes == [False] * 4
