@@ -31,8 +31,8 @@ from dask.multiprocessing import initialize_worker_process
 
 from dissect.config import SCHEDULERS, UNION_RULES
 from dissect.config import check_scheduler as _check_scheduler_name
-from dissect.errors import CacheError, DissectError, OptionError
-from dissect.stats import IoUCounts, TopKQuantile, count_iou, map_floors
+from dissect.errors import DissectError, OptionError
+from dissect.stats import IoUCounts, TopKQuantile, count_iou
 
 __all__ = [
     "SCHEDULERS",
@@ -315,19 +315,14 @@ def check_images(images: Sequence[int] | np.ndarray | None, n_images: int) -> np
     return rows
 
 
-def _threshold_chunk(reader: ActivationReader, rows: Rows, quantile: float, n_values: int,
-                     floor: tuple[np.ndarray, ActivationReader] | None, threads: int | None
-                     ) -> TopKQuantile:
+def _threshold_chunk(reader: ActivationReader, rows: Rows, quantile: float,
+                     n_values: int, threads: int | None) -> TopKQuantile:
     set_task_threads(threads)
     # float16 as stored: TopKQuantile selects float16 values by integer keys (exactly as their
     # float32 values order), several times faster than converting and partitioning float32
     acts = _read_acts(reader, rows, stored=True)
     state = TopKQuantile(acts.shape[1], quantile, n_values)
-    if floor is None:
-        state.add(acts)
-    else:       # floors and the maxima that pick the maps (checked): from _amax_floor
-        floors, maxima = floor
-        state.add(acts, floor=floors, maxima=_read_acts(maxima, rows))
+    state.add(acts)
     return state
 
 
@@ -382,59 +377,17 @@ def compute_thresholds(reader: ActivationReader, quantile: float, *,
     used = n_images if images is None else len(images)
     n_values = used * (int(np.prod(shape[2:])) if len(shape) > 2 else 1)
     size = default_chunk_size(shape) if chunk_size is None else check_chunk_size(chunk_size)
-    k = TopKQuantile(shape[1], quantile, n_values).k
     with _use_scheduler(scheduler, num_workers) as setup:
-        floor = _amax_floor(reader, images, k, size)
-        state = _threshold_state(reader, quantile, n_values, size, images, floor, setup)
-        if floor is not None and not state.floor_holds().all():
-            # the cache's amax is not its maps' maxima: once more, keeping every map
-            state = _threshold_state(reader, quantile, n_values, size, images, None, setup)
+        source = _wrap(reader, "reader")
+        parts = [dask.delayed(_threshold_chunk, pure=False)(
+            source, rows, float(quantile), n_values, setup.task_threads,
+            dask_key_name=f"thresholds-{number}-{uuid.uuid4().hex}")
+            for number, rows in enumerate(_task_rows(n_images, size, images))]
+        fan_in = merge_fan_in(TopKQuantile(shape[1], quantile, n_values).k * shape[1] * 4)
+        with torch_threads_kept():
+            (state,) = dask.compute(tree_reduce(parts, _merge_states, fan_in=fan_in),
+                                    **setup.compute_kwargs)
     return state.result()
-
-
-def _threshold_state(reader: ActivationReader, quantile: float, n_values: int, size: int,
-                     images: np.ndarray | None,
-                     floor: tuple[np.ndarray, ActivationReader] | None,
-                     setup: SchedulerSetup) -> TopKQuantile:
-    """The merged TopKQuantile of every task of ``size`` images (see compute_thresholds)."""
-    shape = tuple(reader.shape)
-    source = _wrap(reader, "reader")
-    bound = None if floor is None else _wrap(floor, "floor")
-    parts = [dask.delayed(_threshold_chunk, pure=False)(
-        source, rows, float(quantile), n_values, bound, setup.task_threads,
-        dask_key_name=f"thresholds-{number}-{uuid.uuid4().hex}")
-        for number, rows in enumerate(_task_rows(shape[0], size, images))]
-    fan_in = merge_fan_in(TopKQuantile(shape[1], quantile, n_values).k * shape[1] * 4)
-    with torch_threads_kept():
-        (state,) = dask.compute(tree_reduce(parts, _merge_states, fan_in=fan_in),
-                                **setup.compute_kwargs)
-    return state
-
-
-def _amax_floor(reader: ActivationReader, images: np.ndarray | None, k: int,
-                size: int) -> tuple[np.ndarray, ActivationReader] | None:
-    """(U,) float64 :func:`map_floors` of the cache's ``amax`` over the used rows, and a
-    reader of that ``amax`` (for :meth:`TopKQuantile.add`'s ``maxima``); or None
-    where it cannot prune: the reader is not a cache's ``acts``, the cache has no matching
-    ``amax``, or K exceeds half the number of maps (at least about K maps of a unit reach its
-    floor, so above half a chunk's maps stay: larger maps, 14x14 and up at q = 0.005)."""
-    from dissect.record.cache import CacheReader
-
-    shape = tuple(reader.shape)
-    used = shape[0] if images is None else len(images)
-    if not isinstance(reader, CacheReader) or reader.name != "acts" or 2 * k > used:
-        return None
-    maxima = CacheReader(reader.path, "amax")
-    try:
-        if tuple(maxima.shape) != shape[:2]:
-            return None
-    except CacheError:
-        return None
-    step = max(size, _CHUNK_BYTES // (4 * shape[1]))
-    blocks = (maxima.read(*rows) if isinstance(rows, tuple) else maxima.read_rows(rows)
-              for rows in _task_rows(shape[0], step, images))
-    floors = map_floors(blocks, k)
-    return (floors, maxima) if (floors > 0).any() else None
 
 
 def merge_fan_in(state_bytes: int) -> int:

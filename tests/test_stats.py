@@ -14,7 +14,6 @@ from dissect.stats import (
     best_labels,
     count_iou,
     iou_from_counts,
-    map_floors,
     quantile_positions,
     threshold_below,
     unit_order,
@@ -922,7 +921,7 @@ def test_count_iou_equals_brute_force_on_region_label_maps(label_type, n_present
         np.testing.assert_array_equal(counts.act_area, expected[2])
 
 
-# -- ties and floors (2026-12-06) ---------------------------------------------------------------
+# -- ties (2026-12-06) ---------------------------------------------------------------------
 def relu_values(shape: tuple[int, ...], seed: int, dtype=np.float16) -> np.ndarray:
     """Values as after a ReLU: 60% exactly 0 (some -0), whole zero maps, a few negatives."""
     rng = np.random.default_rng(seed)
@@ -967,99 +966,17 @@ def test_quantile_of_relu_values_with_nan_of_either_sign_equals_numpy(dtype) -> 
     assert np.isnan(top.result()[[1, 2]]).all()
 
 
-def test_lower_to_gives_the_largest_value_at_or_below() -> None:
-    from dissect.stats.quantile import lower_to
+def test_heavy_ties_finds_a_row_that_one_value_half_fills() -> None:
+    from dissect.stats.quantile import _heavy_ties
 
-    values = np.array([1.0, 1.0001, 0.1, -0.1, 70000.0, np.inf, -np.inf, np.nan, 0.0])
-    low16 = lower_to(values, np.float16)
-    assert low16.dtype == np.float64
-    assert (low16 <= np.where(np.isnan(values), -np.inf, values)).all()
-    np.testing.assert_array_equal(low16.astype(np.float16).astype(np.float64), low16)
-    assert low16[0] == 1.0 and low16[1] == 1.0 and low16[4] == 65504.0
-    assert low16[5] == np.inf and low16[6] == -np.inf and low16[7] == -np.inf
-    up = np.nextafter(low16[:4].astype(np.float16), np.float16(np.inf)).astype(np.float64)
-    assert (up > values[:4]).all()                      # the next float16 up is above
-    low32 = lower_to(values, np.float32)
-    np.testing.assert_array_equal(low32.astype(np.float32).astype(np.float64), low32)
-    assert low32[0] == 1.0 and low32[2] < 0.1 and low32[4] == 70000.0
-
-
-def test_map_floors_is_the_kth_largest_maximum_over_any_blocks() -> None:
-    rng = np.random.default_rng(3)
-    maxima = rng.integers(0, 20, size=(50, 6)).astype(np.float32)   # many ties
-    maxima[7, 4] = np.nan
-    for k in (1, 12, 50):
-        expected = -np.sort(-maxima, axis=0)[k - 1].astype(np.float64)
-        expected[4] = -np.inf
-        for splits in ([50], [1, 49], [13, 13, 24], [k] * (50 // k) + [50 % k]):
-            bounds = np.cumsum([0] + [s for s in splits if s])
-            blocks = [maxima[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-            np.testing.assert_array_equal(map_floors(blocks, k), expected)
-    assert (map_floors([maxima], 51) == -np.inf).all()
-
-
-def floor_case(seed: int, dtype=np.float16):
-    """(values (60, 8, 7, 7), true maxima (60, 8), K) of a 7x7 layer at q = 0.01."""
-    values = relu_values((60, 8, 7, 7), seed, dtype)
-    maxima = values.reshape(60, 8, -1).max(-1).astype(np.float32)
-    k = TopKQuantile(8, 0.01, 60 * 49).k
-    return values, maxima, k
-
-
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize("recorded", [True, False])
-def test_a_floor_prunes_maps_and_keeps_the_result(dtype, recorded: bool) -> None:
-    values, maxima, k = floor_case(4, dtype)
-    floor = map_floors([maxima], k)
-    assert (floor > 0).all()
-    plain = TopKQuantile(8, 0.01, 60 * 49)
-    pruned = TopKQuantile(8, 0.01, 60 * 49)
-    for start in range(0, 60, 20):
-        rows = slice(start, start + 20)
-        plain.add(values[rows])
-        pruned.add(values[rows], floor=floor, maxima=maxima[rows] if recorded else None)
-    assert (pruned.floor > -np.inf).all()                   # every chunk was pruned
-    assert pruned.buffer.shape[1] < plain.buffer.shape[1] or pruned.buffer.shape[1] == k
-    assert pruned.floor_holds().all()
-    np.testing.assert_array_equal(pruned.result(), plain.result())
-    expected = [np.quantile(values[:, u].astype(np.float32), 0.99) for u in range(8)]
-    np.testing.assert_array_equal(pruned.result(), np.asarray(expected, np.float64))
-
-
-def test_recorded_maxima_that_miss_values_prune_nothing() -> None:
-    # maxima that claim a map stays below the floor while it does not: the chunk's count of
-    # values at or above the floor disagrees, so all its maps are kept
-    values, maxima, k = floor_case(5)
-    floor = map_floors([maxima], k)
-    lying = maxima.copy()
-    lying[maxima >= floor] = 0.0                      # every strong map "below" the floor
-    lying[:, 0] = maxima[:, 0]
-    top = TopKQuantile(8, 0.01, 60 * 49)
-    top.add(values, floor=floor, maxima=lying)
-    assert (top.floor == -np.inf).all() and top.buffer.shape[1] == k
-    expected = [np.quantile(values[:, u].astype(np.float32), 0.99) for u in range(8)]
-    np.testing.assert_array_equal(top.result(), np.asarray(expected, np.float64))
-
-
-def test_a_floor_above_the_kth_value_is_caught_by_result() -> None:
-    values, maxima, k = floor_case(6)
-    floor = map_floors([maxima], k)
-    high = floor.copy()
-    high[3] = float(np.sort(values[:, 3].ravel())[-k // 2])          # inside the top K
-    top = TopKQuantile(8, 0.01, 60 * 49)
-    top.add(values, floor=high)
-    holds = top.floor_holds()
-    assert not holds[3] and holds[[0, 1, 2, 4, 5, 6, 7]].all()
-    with pytest.raises(ValueError, match=r"units \[3\]"):
-        top.result()
-
-
-def test_a_chunk_with_nan_is_never_pruned() -> None:
-    values, maxima, k = floor_case(7)
-    floor = map_floors([maxima], k)
-    values[10, 5, 3, 3] = -np.array(np.nan, np.float16)           # sign bit set
-    top = TopKQuantile(8, 0.01, 60 * 49)
-    top.add(values, floor=floor, maxima=maxima)
-    assert (top.floor == -np.inf).all()
-    result = top.result()
-    assert np.isnan(result[5]) and not np.isnan(result[[0, 1, 2, 3, 4, 6, 7]]).any()
+    rng = np.random.default_rng(9)
+    distinct = rng.permutation(4000).reshape(4, 1000).astype(np.int32)
+    assert not _heavy_ties(distinct)
+    for share in (0.5, 0.9):
+        tied = distinct.copy()
+        tied[2, rng.random(1000) < share] = 7                   # one row, one value
+        assert _heavy_ties(tied)
+    signed = np.where(rng.random((3, 500)) < 0.6, 0.0, rng.random((3, 500))).astype(np.float32)
+    signed[signed == 0] = rng.choice(np.float32([0.0, -0.0]), size=int((signed == 0).sum()))
+    assert _heavy_ties(signed)                        # +0 and -0 tie as the float partition sees
+    assert not _heavy_ties(np.zeros((2, 1), np.int32))          # one column: nothing to tie

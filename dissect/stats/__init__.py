@@ -18,13 +18,12 @@ from dissect.stats.iou import (
     upsample_maps,
     upsample_pixel_major,
 )
-from dissect.stats.quantile import TopKQuantile, map_floors, quantile_positions
+from dissect.stats.quantile import TopKQuantile, quantile_positions
 
 __all__ = [
     "UNION_RULES",
     "IoUCounts",
     "TopKQuantile",
-    "map_floors",
     "best_labels",
     "best_category",
     "unit_order",

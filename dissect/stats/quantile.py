@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-__all__ = ["TopKQuantile", "map_floors", "quantile_positions"]
+__all__ = ["TopKQuantile", "quantile_positions"]
 
 
 #: Values a selection copies and partitions at once (a block of units; at least one unit): 1 MB
@@ -56,24 +56,42 @@ def _flip_negative(bits: np.ndarray) -> None:
     bits ^= flipped
 
 
+#: Columns of a row that :func:`_heavy_ties` looks at, and the share of them one value must
+#: take (a quarter): a value that fills half a row is then found with certainty in practice.
+_TIE_SAMPLE = 64
+
+
+def _heavy_ties(values: np.ndarray) -> bool:
+    """Whether some row of (R, w) ``values`` has one value in a quarter or more of
+    ``_TIE_SAMPLE`` evenly spaced columns (compared as the partition compares them).
+
+    NumPy's selection of int32, int64 and float32 slowed down 5-60x on rows where one value,
+    such as ReLU's 0, fills half or more of the row; such rows get tie-broken keys.
+    """
+    width = values.shape[1]
+    sample = np.sort(values[:, ::max(1, width // _TIE_SAMPLE)][:, :_TIE_SAMPLE], axis=1)
+    quarter = max(1, sample.shape[1] // 4)
+    return sample.shape[1] > quarter and bool((sample[:, quarter:] == sample[:, :-quarter]).any())
+
+
 def _partition(values: np.ndarray, kth: int | list[int], negative: bool | None = None) -> None:
-    """``values.partition(kth, axis=1)`` in place, float16 and float32 by integer keys: of
-    those only the columns from ``min(kth)`` on are written back (the rest of the row is left
-    unspecified: callers read the partitioned top only).
+    """``values.partition(kth, axis=1)`` in place, float16 included. Only the columns from
+    ``min(kth)`` on are sure to be written back (callers read the partitioned top only).
 
     float16 values are partitioned by integer order keys in their own bits
     (:func:`_flip_negative`, needed only when some bit pattern has its sign set: ``negative``,
     found here when None), as int16 where NumPy selects 16-bit integers with SIMD, else
-    widened to int32 with the column (mod 2**16) in the low 16 bits; float32 values (C
-    contiguous) likewise in int64 with the column in the low 32 bits. No two keys of a row then
-    tie: NumPy's selection of int32, int64 and float32 slowed down 5-60x on rows where one
-    value, such as ReLU's 0, fills half or more of the row. The partitioned positions hold the
-    same values as ``np.partition`` gives (up to the sign of zero and NaN payloads; float32 NaN
-    with the sign bit set sorts first, so callers find NaN before partitioning).
+    widened to int32. Rows with heavy ties (:func:`_heavy_ties`) are partitioned by keys that
+    carry the column in their low bits, so that no two keys of a row tie: int32 keys with the
+    column (mod 2**16) in the low 16 bits for float16, int64 keys with the column in the low
+    32 bits for float32 (C contiguous). The partitioned positions hold the same values as
+    ``np.partition`` gives (up to the sign of zero and NaN payloads; a float32 NaN with the
+    sign bit set sorts first in the tie-broken keys, so callers find NaN before partitioning).
     """
     first = min(kth) if isinstance(kth, list) else kth
-    if values.dtype == np.float32 and values.flags.c_contiguous:
-        # the same keys 32 bits wide (flipped in int64: sign-extended, the flip is
+    if (values.dtype == np.float32 and values.flags.c_contiguous and values.size
+            and _heavy_ties(values)):
+        # the float16 keys 32 bits wide (flipped in int64: sign-extended, the flip is
         # (key >> 31) & 0x7FFFFFFF), the column in the low 32 bits
         keys = values.view(np.int32).astype(np.int64)
         keys ^= (keys >> 31) & 0x7FFFFFFF
@@ -97,13 +115,16 @@ def _partition(values: np.ndarray, kth: int | list[int], negative: bool | None =
         bits.partition(kth, axis=1)
     else:
         keys = bits.astype(np.int32)
-        keys <<= 16
-        keys |= np.arange(bits.shape[1], dtype=np.int32) & 0xFFFF
+        ties = bool(values.size) and _heavy_ties(bits)
+        if ties:
+            keys <<= 16
+            keys |= np.arange(bits.shape[1], dtype=np.int32) & 0xFFFF
         keys.partition(kth, axis=1)
         bits = bits[:, first:]
         top = keys[:, first:]
-        top >>= 16
-        np.copyto(bits, top, casting="unsafe")          # exact: the high halves are the keys
+        if ties:
+            top >>= 16
+        np.copyto(bits, top, casting="unsafe")          # exact: every key's high half fits
     if negative:
         _flip_negative(bits)
 
@@ -135,115 +156,6 @@ def _top_k(values: np.ndarray, k: int, in_place: bool = False,
     pool = values if in_place else values.copy()
     _partition(pool, width - k, negative)
     return pool[:, width - k:]
-
-
-#: A chunk's maps are pruned by a floor (:meth:`TopKQuantile.add`) only when every unit keeps at
-#: most this fraction of them; above it, gathering the kept maps costs more than it saves.
-_PRUNE_FRACTION = 0.75
-
-#: Value dtypes that :meth:`TopKQuantile.add` prunes by a floor.
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-
-def lower_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """float64 (U,) ``values``, each lowered to the largest ``dtype`` (float16 or float32)
-    value at or below it, as float64 (infinities stay; NaN becomes -inf)."""
-    dtype = np.dtype(dtype)
-    values = np.asarray(values, dtype=np.float64)
-    values = np.where(np.isnan(values), -np.inf, values)
-    with np.errstate(over="ignore"):
-        cast = values.astype(dtype)
-    above = cast.astype(np.float64) > values
-    cast[above] = np.nextafter(cast[above], dtype.type(-np.inf))
-    return cast.astype(np.float64)
-
-
-def map_floors(blocks: Iterable[np.ndarray], k: int) -> np.ndarray:
-    """float64 (U,): per unit, the ``k``-th largest of its map maxima, streamed in blocks.
-
-    ``blocks`` are (m, U) arrays of per-map maxima (the cache's ``amax``), together every map
-    of every unit once. At least ``k`` maps of a unit have a maximum at or above its result, so
-    at least ``k`` of its values do: the result is a lower bound of the unit's ``k``-th largest
-    value, below which no value can be among its top ``k`` (:meth:`TopKQuantile.add`).
-    -inf for a unit with fewer than ``k`` maps or a NaN maximum. Holds at most ``k + m`` values
-    per unit at once.
-    """
-    top: np.ndarray | None = None
-    has_nan: np.ndarray | None = None
-    for block in blocks:
-        block = np.asarray(block, dtype=np.float32)
-        nan = np.isnan(block).any(axis=0)
-        has_nan = nan if has_nan is None else has_nan | nan
-        pool = block.T if top is None else np.concatenate([top, block.T], axis=1)
-        top = _top_k(pool, k)
-    if top is None or has_nan is None:
-        raise ValueError("map_floors needs at least one block of maxima")
-    if top.shape[1] < k:
-        return np.full(top.shape[0], -np.inf)
-    floors = top.min(axis=1).astype(np.float64)
-    floors[has_nan] = -np.inf
-    return floors
-
-
-def _kept_maps(per_image: np.ndarray, floor: np.ndarray, maxima: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray] | None:
-    """The maps of (n, U, S) ``per_image`` that can hold a value at or above (U,) ``floor``.
-
-    Returns ``(kept, used)``. ``kept`` (U, m S), m <= n: row u holds unit u's maps whose
-    maximum is at or above its floor (lowered to the values' dtype, :func:`lower_to`) in image
-    order, then maps of +0 up to m. ``used`` (U,) float64 is that lowered floor, -inf for units
-    whose every map is kept. Only floors above 0 prune (padding stays below them).
-
-    ``maxima`` (n, U): the maps' maxima as recorded (the cache's ``amax``, rounded to the
-    values' dtype as the stored values were), which choose the
-    maps without a scan of their values; they are not trusted: each unit's count of values at
-    or above its floor must be the same in the kept maps as in all maps. Without them the
-    maxima are computed. None when nothing is worth pruning: no floor above 0, a NaN anywhere
-    (every map then reaches the NaN bookkeeping), some unit keeping more than
-    ``_PRUNE_FRACTION`` of its maps, or ``maxima`` that miss a value at or above a floor.
-    """
-    n, n_units, size = per_image.shape
-    low = lower_to(floor, per_image.dtype)
-    active = low > 0
-    if not active.any():
-        return None
-    if per_image.dtype == np.float16:
-        # float16 values compared by their bit patterns: for a floor above 0, a value reaches
-        # it exactly when its pattern as int16 reaches the floor's (negative values' patterns
-        # are negative as int16); NaN, which may carry either sign, is ruled out below
-        values = per_image.view(np.int16)
-        keys = np.where(active, low.astype(np.float16).view(np.int16), np.iinfo(np.int16).min)
-    else:
-        values = per_image
-        keys = np.where(active, low, -np.inf).astype(values.dtype)
-    if maxima is None:
-        keep = values.max(axis=2) >= keys
-    else:
-        # as stored: a float16 map's largest value is its float32 maximum rounded to float16
-        with np.errstate(over="ignore", invalid="ignore"):
-            recorded = np.asarray(maxima).reshape(n, n_units).astype(per_image.dtype)
-        keep = ~(recorded < np.where(active, low, -np.inf))
-    counts = keep.sum(axis=0)
-    width = max(1, int(counts.max()))
-    if width > _PRUNE_FRACTION * n:
-        return None
-    if per_image.dtype == np.float16:
-        if values.max() > 0x7C00 or values.view(np.uint16).max() > 0xFC00:
-            return None
-    elif np.isnan(values.max()):
-        return None
-    unit, image = np.nonzero(keep.T)                     # unit-major: each unit's maps in order
-    slot = np.arange(len(unit)) - (np.cumsum(counts) - counts)[unit]
-    kept = np.zeros((n_units, width, size), dtype=values.dtype)
-    kept[unit, slot] = values.reshape(n * n_units, size)[image * n_units + unit]
-    kept = kept.reshape(n_units, width * size)
-    if maxima is not None:
-        wide = np.uint16 if n < 2**16 else np.int64
-        every = np.add.reduce(values.reshape(n, n_units * size) >= np.repeat(keys, size),
-                              axis=0, dtype=wide).reshape(n_units, size).sum(axis=1)
-        if not np.array_equal(every, (kept >= keys[:, None]).sum(axis=1)):
-            return None
-    return kept.view(per_image.dtype), np.where(active, low, -np.inf)
 
 
 def quantile_positions(n_values: int, level: float) -> tuple[int, int, float]:
@@ -326,12 +238,9 @@ class TopKQuantile:
         self.buffer: np.ndarray | None = None
         self.value_dtype = np.dtype(np.float32)      # dtype the quantile is interpolated in
         self.has_nan = np.zeros(self.n_units, dtype=bool)
-        # (U,) float64: the largest floor below which maps were left out (-inf: none was)
-        self.floor = np.full(self.n_units, -np.inf)
 
     # -- accumulation ---------------------------------------------------------------------
-    def add(self, values: np.ndarray | torch.Tensor, floor: np.ndarray | None = None,
-            maxima: np.ndarray | None = None) -> None:
+    def add(self, values: np.ndarray | torch.Tensor) -> None:
         """Add a chunk of values.
 
         Parameters
@@ -339,17 +248,6 @@ class TopKQuantile:
         values:
             (n, U, ...) array or tensor (any float dtype, any trailing shape): every value of
             ``values[:, u]`` is one more value of unit u.
-        floor:
-            Optional (U,) lower bound of every unit's K-th largest value over everything it
-            will receive (:func:`map_floors` of the cache's ``amax``). A map ``values[i, u]``
-            whose values all lie below it is then counted but not kept, which saves its copy
-            and partition. Nothing is taken on trust: :meth:`floor_holds` tells, from the kept
-            values alone, whether the result is still exact, and :meth:`result` refuses a
-            state where it is not.
-        maxima:
-            Optional (n, U) recorded maxima of the maps (the cache's ``amax``), which spare
-            the scan for the maps' maxima when ``floor`` is given; checked, not trusted (a
-            chunk whose maxima miss a value at or above the floor keeps all its maps).
         """
         if isinstance(values, torch.Tensor):
             values = values.detach().cpu().numpy()
@@ -366,16 +264,6 @@ class TopKQuantile:
         n, size = values.shape[0], math.prod(values.shape[2:])
         per_image = values.reshape(n, self.n_units, size)          # a view where it can be
         self._count(n * size)
-        if floor is not None and size and values.dtype in _FLOATS:
-            pruned = _kept_maps(per_image, np.asarray(floor, dtype=np.float64).reshape(-1),
-                                maxima)
-            if pruned is not None:
-                kept, used = pruned
-                self.floor = np.maximum(self.floor, used)
-                top = self._top_blocks(lambda pool, start, stop: np.copyto(pool, kept[start:stop]),
-                                       kept.shape[1], kept.dtype, find_nan=False)
-                self.buffer = top if self.buffer is None else self._top([self.buffer, top])
-                return
 
         # A unit's values of one image are contiguous: where no cast is needed they are copied
         # as one element of a void dtype (NumPy then moves whole maps, 1.0-1.6x faster)
@@ -404,7 +292,6 @@ class TopKQuantile:
         merged = TopKQuantile(self.n_units, self.quantile, self.capacity)
         merged.count = self.count
         merged.has_nan = self.has_nan.copy()
-        merged.floor = self.floor.copy()
         merged.value_dtype = self.value_dtype
         for other in others:
             if (other.n_units, other.quantile, other.capacity) != (
@@ -413,7 +300,6 @@ class TopKQuantile:
                                  "quantile or n_values_per_unit")
             merged._count(other.count)
             merged.has_nan |= other.has_nan
-            merged.floor = np.maximum(merged.floor, other.floor)
             merged.value_dtype = np.result_type(merged.value_dtype, other.value_dtype)
         buffers = [state.buffer for state in (self, *others) if state.buffer is not None]
         merged.buffer = merged._top(buffers) if buffers else None
@@ -463,31 +349,10 @@ class TopKQuantile:
         return out
 
     # -- result ----------------------------------------------------------------------------
-    def floor_holds(self) -> np.ndarray:
-        """bool (U,): whether each unit's result is exact despite the maps a floor left out.
-
-        It is when no map was left out, when the unit has a NaN (its result is NaN), or when
-        its buffer holds K values, all at or above its floor: every value left out lies below
-        the floor, so none of them belongs to the top K.
-        """
-        holds = (self.floor == -np.inf) | self.has_nan
-        if self.buffer is not None and self.buffer.shape[1] >= self.k and not holds.all():
-            holds |= self.buffer.min(axis=1).astype(np.float64) >= self.floor
-        return holds
-
     def result(self) -> np.ndarray:
-        """(U,) float64: the (1 - quantile) quantile of every unit's values (see class doc).
-
-        Raises ValueError when a floor given to :meth:`add` left out values that may belong
-        to the result (:meth:`floor_holds`; the floor was not a lower bound).
-        """
+        """(U,) float64: the (1 - quantile) quantile of every unit's values (see class doc)."""
         if self.buffer is None or self.count == 0:
             raise ValueError("TopKQuantile.result() needs at least one added value per unit")
-        broken = np.flatnonzero(~self.floor_holds())
-        if broken.size:
-            raise ValueError(f"TopKQuantile: the floor given to add() is above the K-th largest "
-                             f"value of units {broken[:5].tolist()}; add their values again "
-                             f"without a floor")
         n = self.count
         previous, following, gamma = quantile_positions(n, self.level)
         offset = n - self.buffer.shape[1]        # ascending position of buffer's smallest value
